@@ -1,0 +1,75 @@
+"""Export a kiln checkpoint as a Hugging Face Llama folder that transformers loads with no custom code.
+
+    python export_hf.py out/demo hf/demo                  # a run folder: its newest checkpoint
+    python export_hf.py out/sft/ckpt_0002000 hf/sft       # one checkpoint
+    python export_hf.py hf/demo                           # the newest sft (else pretrain) checkpoint under out/
+
+Then, in Python:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained("hf/demo"); tok = AutoTokenizer.from_pretrained("hf/demo")
+
+Writes config.json (LlamaForCausalLM), generation_config.json, model.safetensors and, when the checkpoint has
+a tokenizer, tokenizer.json + tokenizer_config.json (with the chat template) + special_tokens_map.json.
+kiln's tensor names are HF's minus the "model." prefix, and its RoPE is HF's rotate_half: no permutation.
+"""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+import common
+
+
+def export(ckpt, out_dir):
+    """Write the Hugging Face folder out_dir from a kiln checkpoint (or run folder); returns out_dir."""
+    out_dir = Path(out_dir)
+    src = common.find_checkpoint(ckpt)
+    if out_dir.resolve() == src.resolve():
+        raise ValueError(f"{out_dir} is the checkpoint itself; pick a new output folder")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        old = out_dir / "config.json"
+        if not (old.is_file() and "architectures" in json.loads(old.read_text())):  # never wipe a run folder
+            raise ValueError(f"{out_dir} exists and is not an earlier export; pick a new output folder")
+    model, tokenizer, meta = common.load_model(src)
+    cfg = model.config
+    print(f"exporting {src} (step {meta.get('step')}, {model.num_params():,} parameters) -> {out_dir}")
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        config = common.hf_config(cfg, tokenizer)
+        common.write_json(tmp / "config.json", config)
+        generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
+                      "pad_token_id": config["eos_token_id"]}
+        common.write_json(tmp / "generation_config.json", generation)
+        weights = {}
+        for name, tensor in model.state_dict().items():
+            if name == "lm_head.weight":
+                if not cfg.tie_embeddings:  # tied: HF rebuilds lm_head from embed_tokens
+                    weights[name] = tensor.contiguous()
+            else:
+                weights["model." + name] = tensor.contiguous()
+        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_hf(tmp, model_max_length=cfg.max_seq_len)  # with the chat template
+        common.replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) not in (1, 2) or any(a.startswith("-") for a in argv):
+        raise ValueError("usage: python export_hf.py [CKPT_OR_RUN_DIR] OUT_DIR")
+    ckpt, out_dir = (None, argv[0]) if len(argv) == 1 else argv
+    export(ckpt, out_dir)
+    print(f"wrote {out_dir}: AutoModelForCausalLM.from_pretrained({str(out_dir)!r}) loads it")
+
+
+if __name__ == "__main__":
+    common.cli(main)

@@ -1,0 +1,124 @@
+"""export_hf.py and common.load_model against Hugging Face transformers' own LlamaForCausalLM."""
+import json
+
+import pytest
+import torch
+
+import common
+import export_hf
+import llm
+
+transformers = pytest.importorskip("transformers")
+
+
+def random_model(**overrides):
+    """A kiln model with every weight random, norms included (their init of ones would hide a swapped norm)."""
+    torch.manual_seed(0)
+    model = llm.LLM(llm.model_config("tiny", **overrides))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def kiln_checkpoint(tmp_path, model, tokenizer_dir=None):
+    opt = torch.optim.AdamW(model.parameters())
+    return common.save_checkpoint(tmp_path / "run", 7, model, opt, {}, {}, tokenizer_dir)
+
+
+def hf_logits(hf_dir, idx):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    with torch.no_grad():
+        return hf(idx).logits, hf
+
+
+def kiln_logits(model, idx):
+    with torch.no_grad():
+        return model(idx)[0]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"n_head": 4, "n_kv_head": 2}, {"n_head": 4, "n_kv_head": 1},
+                                       {"tie_embeddings": True, "rope_theta": 500000.0}],
+                         ids=["tiny", "gqa", "mqa", "tied"])
+def test_export_matches_transformers_and_round_trips(tmp_path, overrides):
+    model = random_model(**overrides)
+    kiln_checkpoint(tmp_path, model)
+    out = export_hf.export(tmp_path / "run", tmp_path / "hf")  # a run folder -> its newest checkpoint
+    assert not (tmp_path / "hf.tmp").exists()
+    idx = torch.randint(0, model.config.vocab_size, (2, 24))
+    want = kiln_logits(model, idx)
+    got, hf = hf_logits(out, idx)
+    assert (got - want).abs().max().item() <= 1e-4
+    assert hf.config.num_key_value_heads == (model.config.n_kv_head or model.config.n_head)
+    assert hf.config.tie_word_embeddings == model.config.tie_embeddings
+    # kiln -> HF folder -> kiln gives the very same tensors.
+    back, tok, meta = common.load_model(out)
+    assert tok is None and meta["stage"] == "hf" and back.config == model.config
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_load_hf_saved_by_transformers(tmp_path):
+    """The reverse path with a folder kiln did not write: transformers' save_pretrained, sharded."""
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                                      rope_theta=20000.0, max_position_embeddings=128, tie_word_embeddings=False)
+    torch.manual_seed(1)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    model, _, _ = common.load_model(tmp_path / "hf")
+    assert (model.config.n_kv_head, model.config.ffn_hidden, model.config.rope_theta) == (2, 160, 20000.0)
+    idx = torch.randint(0, 300, (1, 20))
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)[0]).abs().max().item() <= 1e-4
+
+
+def test_unsupported_or_damaged_hf_folder(tmp_path):
+    model = random_model()
+    kiln_checkpoint(tmp_path, model)
+    out = export_hf.export(tmp_path / "run", tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "linear", "factor": 2}}))
+    with pytest.raises(ValueError, match="uses rope scaling, which kiln's llm.py does not support"):
+        common.load_model(out)
+    (out / "config.json").write_text(json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] + 1}))
+    with pytest.raises(ValueError, match=r"model\.safetensors does not match its model config: .* is missing"):
+        common.load_model(out)
+
+
+def test_export_refuses_to_overwrite_a_non_export(tmp_path):
+    kiln_checkpoint(tmp_path, random_model())
+    (tmp_path / "run" / "config.json").write_text("{}")  # what train.py writes into a run folder
+    with pytest.raises(ValueError, match="exists and is not an earlier export"):
+        export_hf.export(tmp_path / "run", tmp_path / "run")
+    export_hf.main([str(tmp_path / "run"), str(tmp_path / "hf")])
+    export_hf.main([str(tmp_path / "run"), str(tmp_path / "hf")])  # re-exporting over an export is fine
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "generation_config.json",
+                                                                   "model.safetensors"]
+
+
+def test_export_with_tokenizer(tmp_path):
+    bpe = pytest.importorskip("bpe")
+    if not hasattr(bpe.Tokenizer, "save_hf"):
+        pytest.skip("bpe.Tokenizer.save_hf is not written yet")
+    text = tmp_path / "corpus.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 50 + "Hello world, hello kiln! " * 50)
+    tok = bpe.train([str(text)], 300, tmp_path / "tok")
+    model = random_model(vocab_size=384)
+    assert tok.vocab_size <= model.config.vocab_size
+    kiln_checkpoint(tmp_path, model, tokenizer_dir=tmp_path / "tok")
+    out = export_hf.export(tmp_path / "run", tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    sample = "Hello, quick fox! The lazy kiln."
+    assert hf_tok.encode(sample, add_special_tokens=False) == tok.encode(sample)
+    assert hf_tok.decode(tok.encode(sample)) == sample
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world"}]
+    ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert list(ids) == tok.render_prompt(messages)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_id, tok.eot_id)
+    _, tok_back, _ = common.load_model(out)  # and kiln reads the exported tokenizer back unchanged
+    assert tok_back.hash == tok.hash and tok_back.eot_id == tok.eot_id
