@@ -1,0 +1,309 @@
+"""train.py: 1 vs 2 processes agree, exact resume after SIGKILL/SIGTERM, learning, clear errors, NaN skipping.
+
+Data is made here: a tokenizer trained on text this file writes, shards from data.py. Runs that must be
+killed or need torchrun are subprocesses (one thread each, so two runs do the same float arithmetic).
+"""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import bpe
+import common
+import data
+import llm
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+WORDS = ("the a cat dog sat ran on under big small red blue house tree river stone old new and with "
+         "sky over quick slow green bird sang morning night").split()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A small corpus of made-up sentences -> tokenizer (vocab 300) -> train/val shards."""
+    root = tmp_path_factory.mktemp("train_data")
+    rng = random.Random(0)
+    with open(root / "raw.jsonl", "w") as f:
+        for _ in range(400):
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 80)))}) + "\n")
+    bpe.train([str(root / "raw.jsonl")], 300, root / "tok")
+    data.prepare([str(root / "raw.jsonl")], root / "tok", root / "d", val_fraction=0.1, workers=1)
+    return root / "d"
+
+
+def args(data_dir, out_dir, *extra):
+    return ["config/tiny.py", f"--data_dir={data_dir}", f"--out_dir={out_dir}", *extra]
+
+
+def run_in_process(argv):
+    """train.main in this process, from the repo root (configs are relative paths), one thread."""
+    cwd, threads = os.getcwd(), torch.get_num_threads()
+    os.chdir(ROOT)
+    torch.set_num_threads(1)
+    try:
+        return train.main(argv)
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+
+
+def spawn(argv, nproc=1):
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    return subprocess.Popen([sys.executable, *launcher, "train.py", *argv], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc, timeout=240):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def log_rows(out_dir, key):
+    rows = [json.loads(line) for line in open(Path(out_dir) / "log.jsonl")]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def final_weights(out_dir):
+    return load_file(common.list_checkpoints(out_dir)[-1] / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def single_run(data_dir, tmp_path_factory):
+    """10 steps on one process (grad_accum 2), checkpoints at 5 and 10."""
+    out_dir = tmp_path_factory.mktemp("single")
+    run_in_process(args(data_dir, out_dir, "--max_iters=10", "--ckpt_interval=5"))
+    return out_dir
+
+
+def assert_same_run(out_dir, reference, steps):
+    loss, ref = log_rows(out_dir, "loss"), log_rows(reference, "loss")
+    np.testing.assert_allclose([loss[s] for s in steps], [ref[s] for s in steps], rtol=1e-4)
+    w, ref_w = final_weights(out_dir), final_weights(reference)
+    assert w.keys() == ref_w.keys()
+    for k in w:
+        torch.testing.assert_close(w[k], ref_w[k], atol=1e-5, rtol=0)
+
+
+def test_one_process_equals_two(data_dir, tmp_path, single_run):
+    """grad_accum 2 on one process and grad_accum 1 on two (DDP, gloo) see the same data: the same run."""
+    out = finish(spawn(args(data_dir, tmp_path, "--max_iters=10", "--ckpt_interval=5"), nproc=2))
+    assert "2 process(es)" in out and "1 micro-steps" in out
+    assert sorted(log_rows(tmp_path, "loss")) == list(range(1, 11))
+    assert_same_run(tmp_path, single_run, range(1, 11))
+    loss = log_rows(single_run, "loss")
+    assert loss[10] < loss[1] - 0.5  # it trained
+    # eval covers the same windows too
+    np.testing.assert_allclose(log_rows(tmp_path, "val_loss")[10], log_rows(single_run, "val_loss")[10], rtol=1e-4)
+
+
+def test_fsdp_with_activation_checkpointing_resumes_to_the_same_run(data_dir, tmp_path, single_run):
+    """FSDP2 + activation checkpointing on 2 processes, resumed from step 5 (sharded optimizer state reloaded
+    from the gathered checkpoint): the same losses and weights as one plain process."""
+    argv = args(data_dir, tmp_path, "--max_iters=10", "--ckpt_interval=5", "--eval_interval=0", "--fsdp=True",
+                "--activation_checkpointing=True")
+    finish(spawn(argv, nproc=2))
+    shutil.rmtree(tmp_path / "ckpt_0000010")
+    assert "resuming at step 5" in finish(spawn(argv + ["--init_from=resume"], nproc=2))
+    assert_same_run(tmp_path, single_run, range(1, 11))
+
+
+@pytest.fixture(scope="module")
+def reference_run(data_dir, tmp_path_factory):
+    """An uninterrupted 30-step run (subprocess, like the interrupted ones)."""
+    out_dir = tmp_path_factory.mktemp("reference")
+    finish(spawn(args(data_dir, out_dir, "--max_iters=30", "--ckpt_interval=5", "--eval_interval=0")))
+    return final_weights(out_dir)
+
+
+def wait_for(condition, proc, timeout=120):
+    t0 = time.time()
+    while not condition():
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        assert time.time() - t0 < timeout
+        time.sleep(0.01)
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_after_sigkill_is_exact(data_dir, tmp_path, reference_run):
+    argv = args(data_dir, tmp_path, "--max_iters=30", "--ckpt_interval=5", "--eval_interval=0")
+    proc = spawn(argv)
+    wait_for(lambda: common.list_checkpoints(tmp_path), proc)
+    proc.kill()   # SIGKILL: no chance to save anything
+    proc.communicate()
+    saved = [common._ckpt_step(p) for p in common.list_checkpoints(tmp_path)]
+    assert saved and max(saved) < 30, saved
+    out = finish(spawn(argv + ["--init_from=resume"]))
+    assert f"resuming at step {max(saved)}" in out
+    assert_bitwise_equal(final_weights(tmp_path), reference_run)
+
+
+def test_resume_after_sigterm_mid_run_is_exact(data_dir, tmp_path, reference_run):
+    argv = args(data_dir, tmp_path, "--max_iters=30", "--ckpt_interval=5", "--eval_interval=0")
+    proc = spawn(argv)
+    log = tmp_path / "log.jsonl"
+    wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 7, proc)
+    proc.send_signal(signal.SIGTERM)   # lands during some step; that step finishes, is saved, the run exits
+    out = finish(proc)
+    assert "signal" in out and "continue with --init_from=resume" in out
+    stopped_at = common._ckpt_step(common.list_checkpoints(tmp_path)[-1])
+    assert 7 <= stopped_at < 30
+    out = finish(spawn(argv + ["--init_from=resume"]))
+    assert f"resuming at step {stopped_at}" in out
+    assert_bitwise_equal(final_weights(tmp_path), reference_run)
+
+
+def test_tiny_overfits_one_batch(data_dir, tmp_path):
+    """The whole train split is one batch of random tokens (8 windows): the model must memorise it."""
+    d = tmp_path / "one_batch"
+    d.mkdir()
+    tok = bpe.Tokenizer.load(data_dir)
+    tok.save(d)
+    tokens = np.random.default_rng(0).integers(len(bpe.SPECIAL_TOKENS), tok.vocab_size, 8 * 64 + 1)
+    for split in ("train", "val"):
+        data.write_shard(d / f"{split}_000000.bin", tokens, tok.vocab_size, tok.hash)
+    run_in_process(args(d, tmp_path / "run", "--max_iters=150", "--learning_rate=1e-2", "--min_lr=1e-3",
+                        "--eval_interval=150", "--ckpt_interval=0"))
+    loss = log_rows(tmp_path / "run", "loss")
+    assert loss[1] > 5.0 and loss[150] < 0.05, (loss[1], loss[150])
+    assert log_rows(tmp_path / "run", "val_loss")[150] < 0.05
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+
+
+def test_demo_config_lowers_val_bpb_on_shakespeare(shared_data, tmp_path):
+    """The demo model on real text: bits per byte on held-out Shakespeare fall within a few steps."""
+    bpe.train([str(shared_data / "tinyshakespeare.txt")], 512, tmp_path / "tok")
+    data.prepare([str(shared_data / "tinyshakespeare.txt")], tmp_path / "tok", tmp_path / "d",
+                 txt_separator="\n\n", val_fraction=0.05, workers=1)
+    run_in_process(["config/demo.py", f"--data_dir={tmp_path / 'd'}", f"--out_dir={tmp_path / 'run'}",
+                    "--max_iters=12", "--eval_interval=12", "--eval_iters=1", "--warmup_iters=2",
+                    "--batch_size=4", "--block_size=128", "--total_batch_tokens=512", "--n_layer=2"])
+    bpb = log_rows(tmp_path / "run", "val_bpb")
+    assert bpb[12] < bpb[0] - 0.3, bpb
+
+
+def test_mixture_reports_each_source(data_dir, tmp_path):
+    """data_dir 'a:0.7,b:0.3': both sources are trained on and each gets its own val loss and bpb."""
+    rng = random.Random(1)
+    with open(tmp_path / "raw.jsonl", "w") as f:   # another distribution: only a few of the words
+        for _ in range(100):
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS[:6]) for _ in range(60))}) + "\n")
+    data.prepare([str(tmp_path / "raw.jsonl")], data_dir, tmp_path / "other", val_fraction=0.2, workers=1)
+    run_in_process(args(f"{data_dir}:0.7,{tmp_path / 'other'}:0.3", tmp_path / "run", "--max_iters=2",
+                        "--eval_interval=2"))
+    row = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")][-1]
+    a, b = row[f"val_loss/{data_dir.name}"], row["val_loss/other"]
+    assert a != b and row["val_loss"] == pytest.approx((a + b) / 2)
+    assert row[f"val_bpb/{data_dir.name}"] > 0 and row["val_bpb/other"] > 0
+    state = common.load_trainer_state(tmp_path / "run")["state"]["data"]
+    assert sum(state["counts"]) == 2 * 8 and min(state["counts"]) > 0   # 2 steps x 8 windows, from both
+
+
+@pytest.mark.parametrize("extra, error, words", [
+    (["--lerning_rate=1e-3"], ValueError, "unknown config key 'lerning_rate'"),
+    (["--total_batch_tokens=500"], ValueError, "total_batch_tokens=500 is not a multiple"),
+    (["--block_size=256", "--total_batch_tokens=2048"], ValueError, "block_size=256 exceeds the model's max_seq_len"),
+])
+def test_bad_config_fails_before_training(data_dir, tmp_path, extra, error, words):
+    with pytest.raises(error, match=words):
+        run_in_process(args(data_dir, tmp_path / "run", *extra))
+    assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_data_dir_without_shards(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no train_.*bin.*python data.py"):
+        run_in_process(args(tmp_path / "empty", tmp_path / "run"))
+
+
+def test_resume_with_another_model_shape(data_dir, tmp_path):
+    run_in_process(args(data_dir, tmp_path, "--max_iters=1", "--eval_interval=0"))
+    with pytest.raises(ValueError, match="another model shape: n_layer=2 .config: 3"):
+        run_in_process(args(data_dir, tmp_path, "--max_iters=2", "--init_from=resume", "--n_layer=3"))
+
+
+def test_cli_error_is_one_line(data_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", *args(data_dir, tmp_path, "--total_batch_tokens=500")],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: total_batch_tokens=500"), proc.stderr
+
+
+def nan_on_calls(monkeypatch, bad):
+    """Make the training forward return a NaN loss on the given (1-based) training calls."""
+    forward, calls = llm.LLM.forward, [0]
+
+    def patched(self, *a, **k):
+        logits, loss = forward(self, *a, **k)
+        if self.training:
+            calls[0] += 1
+            if bad(calls[0]):
+                loss = loss * float("nan")
+        return logits, loss
+    monkeypatch.setattr(llm.LLM, "forward", patched)
+
+
+def test_nonfinite_step_is_skipped(data_dir, tmp_path, monkeypatch, capsys):
+    nan_on_calls(monkeypatch, lambda call: call in (5, 6))   # both micro-steps of step 3
+    model = run_in_process(args(data_dir, tmp_path, "--max_iters=6", "--eval_interval=0"))
+    rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in rows if "skipped" in r] == [3]
+    loss = log_rows(tmp_path, "loss")
+    assert 3 not in loss and all(np.isfinite(loss[s]) for s in (4, 5, 6))   # NaN never reached the weights
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run(data_dir, tmp_path, monkeypatch):
+    nan_on_calls(monkeypatch, lambda call: call > 4)   # every step after step 2
+    with pytest.raises(SystemExit, match="3 non-finite steps in a row .* last good checkpoint is .*ckpt_0000002"):
+        run_in_process(args(data_dir, tmp_path, "--max_iters=10", "--ckpt_interval=2", "--max_bad_steps=3",
+                            "--eval_interval=0"))
+    assert [p.name for p in common.list_checkpoints(tmp_path)] == ["ckpt_0000002"]
+    model, _, meta = common.load_model(tmp_path / "ckpt_0000002")
+    assert meta["step"] == 2 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_lr_schedules():
+    cfg = train.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110, decay_frac=0.5)
+    lr = [train.get_lr(s, cfg) for s in range(110)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)         # warmup
+    assert lr[60] == pytest.approx(0.55) and lr[109] == pytest.approx(0.1, abs=1e-3)   # cosine midpoint, end
+    wsd = train.TrainConfig(**{**vars(cfg), "schedule": "wsd"})
+    lr = [train.get_lr(s, wsd) for s in range(110)]
+    assert lr[20] == lr[54] == 1.0 and lr[55] == pytest.approx(1.0) and lr[82] == pytest.approx(0.55, abs=0.02)
+
+
+def test_plan_prints_the_budget(capsys):
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        train.main(["config/pretrain_1b.py", "--plan", "--plan_gpus=8"])
+    finally:
+        os.chdir(cwd)
+    out = capsys.readouterr().out
+    cfg = common.parse_config(train.TrainConfig(), [str(ROOT / "config/pretrain_1b.py")])
+    with torch.device("meta"):
+        n = llm.LLM(llm.model_config("1b")).num_params()
+    tokens = cfg.max_iters * cfg.total_batch_tokens
+    assert 18 <= tokens / n <= 22   # the config's budget: ~20 tokens per parameter
+    assert f"{tokens / n:.1f} tokens per param" in out
+    assert f"weights (fp32)              {4 * n / 1e9:10.1f}  {4 * n / 8 / 1e9:10.1f}" in out
+    assert "predicted cost" in out and "x 8 GPUs x 4 accumulation steps" in out

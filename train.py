@@ -1,0 +1,625 @@
+"""Pretraining and SFT for kiln's Llama-style models: one loop, one process or many.
+
+One process (CUDA, Apple MPS or CPU, detected):
+    python train.py config/demo.py                        # ~9M model on CPU, minutes
+    python train.py config/sft.py                         # SFT from the newest pretrain checkpoint under out/
+Eight GPUs with DDP (add --fsdp=True to shard a model that does not fit replicated):
+    torchrun --nproc_per_node=8 train.py config/pretrain_1b.py
+Two nodes: torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
+Resume after a crash or preemption (SIGTERM saves a checkpoint first): the same command plus --init_from=resume.
+Plan a run before paying for it (trains nothing): python train.py config/pretrain_1b.py --plan --plan_gpus=8
+
+Batches: total_batch_tokens = batch_size * block_size * world_size * grad_accum, and grad_accum is derived, so
+the same config on 1 or N processes is the same run: same data order, same losses up to float rounding.
+"""
+import json
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.utils.checkpoint import checkpoint
+
+import bpe
+import common
+import data
+import llm
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = ""                    # "" -> out/<config file name>
+    data_dir: str = "data/fineweb-edu"   # a data.py dir, or a weighted mixture "data/a:0.7,data/b:0.3"
+    init_from: str = "scratch"           # "scratch" | "resume" (newest checkpoint in out_dir) | PATH (weights)
+    task: str = "pretrain"               # "pretrain" | "sft"
+    max_iters: int = 1000                # optimizer steps
+    eval_interval: int = 250
+    eval_iters: int = 20                 # val batches (of total_batch_tokens) per source per eval
+    ckpt_interval: int = 500
+    log_interval: int = 10
+    keep_last: int = 3                   # checkpoints kept in out_dir
+    seed: int = 1337
+    device: str = "auto"                 # "auto" | "cuda" | "mps" | "cpu"
+    dtype: str = "auto"                  # "auto" (bf16 on GPUs that have it, fp16 on older ones, fp32 on CPU)
+    compile: bool | None = None          # None: on for CUDA only
+    batch_size: int = 8                  # micro-batch per process, in sequences
+    total_batch_tokens: int = 8192       # global batch per optimizer step, in tokens
+    block_size: int = 1024
+    learning_rate: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_iters: int = 100
+    schedule: str = "cosine"             # "cosine" | "wsd" (warmup, stable, decay)
+    decay_frac: float = 0.2              # wsd: the last fraction of the steps decays linearly to min_lr
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0               # 0 = no clipping (the norm is still logged)
+    max_bad_steps: int = 5               # this many non-finite steps in a row stop the run
+    fsdp: bool = False                   # FSDP2: shard weights, gradients and optimizer state over the processes
+    activation_checkpointing: bool = False
+    wandb_log: bool = False
+    wandb_project: str = "kiln"
+    model: str = "demo"                  # llm.PRESETS name; the keys below override it (None = the preset's)
+    vocab_size: int | None = None        # None: the tokenizer's; larger pads the embedding (e.g. to a multiple of 64)
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_kv_head: int | None = None
+    d_model: int | None = None
+    ffn_hidden: int | None = None
+    max_seq_len: int | None = None
+    tie_embeddings: bool | None = None
+    sft_samples: int = 3                 # SFT eval: greedy answers to this many held-out prompts
+    sft_max_new_tokens: int = 64
+    plan: bool = False                   # --plan: print memory, time and cost, train nothing
+    plan_gpus: int = 1
+    plan_gpu: str = "H100"
+    plan_mfu: float = 0.4
+    plan_usd_per_gpu_hour: float = 2.5
+
+
+MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "d_model", "ffn_hidden", "max_seq_len", "tie_embeddings")
+# Dense bf16 tensor-core peaks (FLOP/s) for MFU; the first name contained in the device name wins.
+GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def get_lr(step, cfg):
+    """Learning rate for optimizer step `step` (0-based): a pure function of the step and the config."""
+    # 1) linear warmup from lr/warmup to lr
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_iters
+    if cfg.schedule == "cosine":
+        # 2) cosine from lr down to min_lr at max_iters
+        progress = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+        return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+    # 3) wsd: stable at lr, then 4) linear decay to min_lr over the last decay_frac of the run
+    decay_start = cfg.max_iters * (1 - cfg.decay_frac)
+    if step < decay_start:
+        return cfg.learning_rate
+    progress = min(1.0, (step - decay_start) / max(1, cfg.max_iters - decay_start))
+    return cfg.learning_rate + progress * (cfg.min_lr - cfg.learning_rate)
+
+
+def mixture_dirs(data_dir):
+    """'data/a:0.7,data/b:0.3' -> ['data/a', 'data/b']; a plain dir -> [it] (data.py reads the weights)."""
+    dirs = []
+    for part in data_dir.split(","):
+        name, _, weight = part.rpartition(":")
+        try:
+            float(weight)
+            dirs.append(name or part)
+        except ValueError:
+            dirs.append(part)
+    return dirs
+
+
+def all_sum(t):
+    """Sum a tensor over all processes (in place); a no-op for one process."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def accumulate_grads(model, batches, world_size, autocast, scaler, set_grad_sync=lambda last: None):
+    """Forward/backward over one optimizer step's micro-batches [(x, y, doc_ids), ...] -> the step's loss.
+
+    The loss is the sum of cross-entropy over every learned token (y != -1) of the step, on all micro-batches and
+    all processes, divided by the number of those tokens: batches of short SFT answers do not weigh more than
+    batches of long ones, as they would with a mean of per-micro-batch means. DDP averages gradients over the
+    processes, hence the factor world_size. For pretraining (every target learned) this is the plain mean.
+    """
+    n_tokens = all_sum(sum((y != -1).sum() for _, y, _ in batches).float()).clamp(min=1)
+    loss_sum = torch.zeros((), device=batches[0][0].device)
+    for i, (x, y, doc_ids) in enumerate(batches):
+        set_grad_sync(i == len(batches) - 1)   # all-reduce gradients only on the last micro-step
+        with autocast:
+            _, loss = model(x, y, doc_ids=doc_ids, reduction="sum")
+        scaler.scale(loss * (world_size / n_tokens)).backward()
+        loss_sum += loss.detach()
+    return all_sum(loss_sum) / n_tokens
+
+
+def fetch(loader, n, device):
+    """The next n micro-batches as (x, y, doc_ids) on device, and the loader position right after them."""
+    def move(t):  # pinned memory + non_blocking: on CUDA the copy overlaps the step that is running
+        if t is None or device.type != "cuda":
+            return None if t is None else t.to(device)
+        return t.pin_memory().to(device, non_blocking=True)
+
+    batches = []
+    for _ in range(n):
+        x, y, *doc_ids = loader.next_batch()   # pretraining rows are one stream: no doc_ids
+        batches.append((move(x), move(y), move(doc_ids[0] if doc_ids else None)))
+    return batches, loader.state_dict()
+
+
+def rng_state():
+    keys, pos, has_gauss, gauss = np.random.get_state()[1:]
+    return {"torch": torch.get_rng_state(), "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": list(random.getstate()[1]), "cuda": torch.cuda.get_rng_state_all()}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate((3, tuple(s["python"]), None))
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+class RunLog:
+    """Appends rows to out_dir/log.jsonl and to wandb (when asked and installed); a no-op off rank 0."""
+    def __init__(self, out_dir, enabled, cfg):
+        self.path = Path(out_dir) / "log.jsonl" if enabled else None
+        self.wandb = None
+        if enabled and cfg.wandb_log:
+            try:
+                import wandb
+                self.wandb = wandb.init(project=cfg.wandb_project, name=Path(out_dir).name, config=vars(cfg))
+            except ImportError:
+                print("wandb_log=True but wandb is not installed (pip install wandb): logging to log.jsonl only")
+
+    def __call__(self, row):
+        if self.path is None:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb:
+            self.wandb.log(row, step=row["step"])
+
+
+def plot_losses(log_path, png_path):
+    """Train and val loss against step as a PNG: axes and two polylines, drawn with Pillow."""
+    from PIL import Image, ImageDraw
+    rows = [json.loads(line) for line in open(log_path)]
+    # {step: value} keeps the last value of a step: a resumed run logs the steps after its checkpoint again
+    curves = {"train": ("steelblue", sorted({r["step"]: r["loss"] for r in rows if "loss" in r}.items())),
+              "val": ("darkorange", sorted({r["step"]: r["val_loss"] for r in rows if "val_loss" in r}.items()))}
+    points = [p for _, pts in curves.values() for p in pts if math.isfinite(p[1])]
+    if not points:
+        return
+    W, H, pad = 800, 500, 60
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+
+    def xy(step, v):
+        return (pad + (step - x0) / max(x1 - x0, 1) * (W - 2 * pad),
+                H - pad - (v - y0) / max(y1 - y0, 1e-9) * (H - 2 * pad))
+
+    img = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([pad, pad, W - pad, H - pad], outline="black")
+    draw.text((pad, H - pad + 8), f"step {x0}", fill="black")
+    draw.text((W - pad - 60, H - pad + 8), f"step {x1}", fill="black")
+    draw.text((4, pad), f"{y1:.3f}", fill="black")
+    draw.text((4, H - pad - 10), f"{y0:.3f}", fill="black")
+    for i, (name, (color, pts)) in enumerate(curves.items()):
+        pts = [xy(s, v) for s, v in pts if math.isfinite(v)]
+        if len(pts) > 1:
+            draw.line(pts, fill=color, width=2)
+        for px, py in pts[:1] if len(pts) == 1 else []:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
+        draw.text((W - pad - 80, pad + 8 + 14 * i), f"{name} loss", fill=color)
+    tmp = Path(png_path).with_suffix(".tmp.png")
+    img.save(tmp)
+    os.replace(tmp, png_path)
+
+
+def plan(cfg, mc):
+    """Print what a run will cost before paying for it: parameters, tokens, memory per GPU, time and money."""
+    with torch.device("meta"):   # shapes only: no memory, instant even for 1B parameters
+        model = llm.LLM(mc)
+    n, gpus = model.num_params(), cfg.plan_gpus
+    grad_accum = grad_accum_steps(cfg, gpus)
+    tokens = cfg.max_iters * cfg.total_batch_tokens
+    flops = model.flops_per_token(cfg.block_size) * tokens
+    peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k.lower() in cfg.plan_gpu.lower()), None)
+    if peak is None:
+        raise ValueError(f"plan_gpu={cfg.plan_gpu!r} is not in the peak table; use one of {', '.join(GPU_PEAK_FLOPS)}")
+    # Activation bytes per token (bf16, flash attention; from the tensors autograd saves): per layer the fp32
+    # residual and norm inputs (~8h), q/k/v/attention output (~8h + 4kv), SwiGLU gate/up/act/product (8f); then
+    # bf16 + fp32 logits and their gradient (~8V). Activation checkpointing keeps only each layer's fp32 input.
+    h, kv, f, L, V = mc.d_model, mc.n_kv_head * mc.head_dim, mc.ffn_hidden, mc.n_layer, mc.vocab_size
+    per_layer, micro_tokens = 20 * h + 4 * kv + 8 * f, cfg.batch_size * cfg.block_size
+    act = micro_tokens * (L * per_layer + 8 * V)
+    act_ckpt = micro_tokens * (L * 4 * h + per_layer + 8 * V)
+    states = {"weights (fp32)": 4 * n, "gradients (fp32)": 4 * n, "AdamW moments (fp32)": 8 * n}
+    seconds = flops / (gpus * peak * cfg.plan_mfu)
+    gb = lambda b: f"{b / 1e9:10.1f}"
+    print(f"plan: {gpus} x {cfg.plan_gpu} ({peak / 1e12:.0f} TFLOP/s bf16 peak) at {cfg.plan_mfu:.0%} MFU")
+    print(f"  parameters        {n / 1e6:,.1f}M ({model.num_params(non_embedding=True) / 1e6:,.1f}M non-embedding)")
+    print(f"  tokens per step   {cfg.total_batch_tokens:,} = {cfg.batch_size} seq x {cfg.block_size} tokens x "
+          f"{gpus} GPUs x {grad_accum} accumulation steps")
+    print(f"  total tokens      {tokens / 1e9:,.2f}B in {cfg.max_iters:,} steps = {tokens / n:.1f} tokens per param")
+    print(f"  {'memory per GPU, GB':<30}{'replicated':>10}  {f'FSDP/{gpus}':>10}")
+    total = sum(states.values())
+    rows = [(name, b, b / gpus) for name, b in states.items()] + [
+        (f"activations, micro-batch {cfg.batch_size}", act, act), ("  with act. checkpointing", act_ckpt, act_ckpt),
+        ("total", total + act, total / gpus + act), ("total with act. ckpt", total + act_ckpt, total / gpus + act_ckpt)]
+    for name, replicated, sharded in rows:
+        print(f"    {name:<28}{gb(replicated)}  {gb(sharded)}")
+    print("    (+ ~2 GB for the CUDA context and workspaces; activations are an estimate)")
+    print(f"  compute           {flops:.2e} FLOPs ({model.flops_per_token(cfg.block_size):.2e} per token)")
+    print(f"  predicted time    {seconds / 3600:,.1f} h ({tokens / seconds:,.0f} tokens/s)")
+    print(f"  predicted cost    ${seconds / 3600 * gpus * cfg.plan_usd_per_gpu_hour:,.0f} at "
+          f"${cfg.plan_usd_per_gpu_hour}/GPU-hour")
+
+
+def grad_accum_steps(cfg, world_size):
+    per_micro_step = cfg.batch_size * cfg.block_size * world_size
+    if cfg.total_batch_tokens % per_micro_step:
+        raise ValueError(f"total_batch_tokens={cfg.total_batch_tokens} is not a multiple of batch_size * block_size"
+                         f" * world_size = {cfg.batch_size} * {cfg.block_size} * {world_size} = {per_micro_step}; "
+                         "change total_batch_tokens or batch_size")
+    return cfg.total_batch_tokens // per_micro_step
+
+
+def setup_device(cfg):
+    """-> (rank, world_size, device). torchrun sets RANK and WORLD_SIZE; without them this is one process."""
+    if "RANK" in os.environ:
+        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        use_cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+        device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        return rank, world, device
+    if cfg.device != "auto":
+        return 0, 1, torch.device(cfg.device)
+    if torch.cuda.is_available():
+        return 0, 1, torch.device("cuda")
+    return 0, 1, torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+
+
+def model_config_from(cfg, vocab_size):
+    """The preset, its overrides, and the tokenizer's vocabulary (or a padded one at least that large)."""
+    if cfg.vocab_size is not None and cfg.vocab_size < vocab_size:
+        raise ValueError(f"vocab_size={cfg.vocab_size} is smaller than the tokenizer's {vocab_size} tokens; "
+                         "leave vocab_size unset or raise it")
+    overrides = {k: getattr(cfg, k) for k in MODEL_KEYS if getattr(cfg, k) is not None}
+    return llm.model_config(cfg.model, **overrides, vocab_size=cfg.vocab_size or vocab_size)
+
+
+def build_model(cfg, tokenizer, device):
+    """-> (model, checkpoint dir or None): from scratch, resumed from out_dir, or another run's weights (PATH)."""
+    if cfg.init_from == "scratch":
+        torch.manual_seed(cfg.seed)  # the same initial weights on every process
+        with torch.device(device):
+            return llm.LLM(model_config_from(cfg, tokenizer.vocab_size)), None
+    if cfg.init_from == "resume":
+        if not common.list_checkpoints(cfg.out_dir):
+            raise FileNotFoundError(f"init_from=resume but {cfg.out_dir} holds no checkpoint; start the run with "
+                                    "--init_from=scratch (or point out_dir at the run to resume)")
+        ckpt = common.list_checkpoints(cfg.out_dir)[-1]
+        meta = json.loads((ckpt / "meta.json").read_text())
+        if cfg.task == "pretrain":  # SFT runs take their shape from the checkpoint they started from
+            want = vars(model_config_from(cfg, tokenizer.vocab_size))
+            diff = [f"{k}={meta['model_config'].get(k)!r} (config: {v!r})" for k, v in want.items()
+                    if k != "head_dim" and meta["model_config"].get(k) != v]
+            if diff:
+                raise ValueError(f"checkpoint {ckpt} holds another model shape: {', '.join(diff)}; resume with "
+                                 "the same model settings or use a new out_dir")
+    else:
+        ckpt = common.find_checkpoint(None if cfg.init_from == "pretrain" else cfg.init_from, stages=("pretrain",))
+    model, ckpt_tokenizer, _ = common.load_model(ckpt, device)
+    if ckpt_tokenizer is None or ckpt_tokenizer.hash != tokenizer.hash:
+        raise ValueError(f"the data in {cfg.data_dir} was tokenized with another tokenizer than checkpoint {ckpt}; "
+                         f"prepare the data with the checkpoint's tokenizer (data.py --tokenizer {ckpt})")
+    return model.train(), ckpt
+
+
+@torch.no_grad()
+def evaluate(model, cfg, tokenizer, autocast, rank, world, device, grad_accum):
+    """Val loss (and bits per byte for pretraining) on each source of data_dir, summed over all processes.
+    eval_iters counts global batches (total_batch_tokens each), so 1 or N processes evaluate the same windows."""
+    model.eval()
+    token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
+    results, dirs = {}, mixture_dirs(cfg.data_dir)
+    for d in dirs:
+        loader = make_loader(cfg, d, "val", rank, world, tokenizer.vocab_size, sequential=True)
+        sums = torch.zeros(4, device=device)  # CE nats, tokens, CE nats of tokens with bytes, bytes
+        for _ in range(cfg.eval_iters * grad_accum):
+            x, y, doc_ids = fetch(loader, 1, device)[0][0]
+            with autocast:
+                logits, _ = model(x, doc_ids=doc_ids)
+            ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none")
+            nbytes = token_bytes[y.flatten().clamp(min=0)] * (y.flatten() != -1)
+            # bpb leaves out special tokens (0 bytes, e.g. <|bos|>) as nanochat does: they encode no text.
+            sums += torch.stack([ce.sum(), (y != -1).sum(), ce[nbytes > 0].sum(), nbytes.sum()])
+        ce_sum, n, ce_text, nbytes = all_sum(sums).tolist()
+        name = "" if len(dirs) == 1 else "/" + Path(d).name
+        results[f"val_loss{name}"] = ce_sum / max(n, 1)
+        if cfg.task == "pretrain":
+            results[f"val_bpb{name}"] = ce_text / math.log(2) / max(nbytes, 1)
+    if len(dirs) > 1:  # the mixture's own numbers: the plain mean over its sources
+        results["val_loss"] = sum(v for k, v in results.items() if k.startswith("val_loss/")) / len(dirs)
+        if cfg.task == "pretrain":
+            results["val_bpb"] = sum(v for k, v in results.items() if k.startswith("val_bpb/")) / len(dirs)
+    model.train()
+    return results
+
+
+@torch.no_grad()
+def sft_samples(model, cfg, tokenizer, autocast, device):
+    """Greedy answers to the first held-out prompts (each val conversation up to its first assistant turn)."""
+    d = Path(cfg.data_dir)
+    ids, mask, offsets = (np.load(d / f"val_{k}.npy", mmap_mode="r") for k in ("ids", "mask", "offsets"))
+    model.eval()
+    if hasattr(model, "unshard"):  # FSDP2: generate() bypasses forward(), so gather the root's weights by hand
+        model.unshard()
+    samples = []
+    for c in range(min(cfg.sft_samples, len(offsets) - 1)):
+        conv, learn = ids[offsets[c]:offsets[c + 1]], mask[offsets[c]:offsets[c + 1]]
+        start = int(np.argmax(learn))  # the first learned token; the prompt before it ends with <|assistant|>
+        n_new = min(cfg.sft_max_new_tokens, model.config.max_seq_len - start)
+        if start == 0 or n_new <= 0:
+            continue
+        prompt = torch.tensor(conv[:start].astype(np.int64), device=device)[None]   # (1, start)
+        with autocast:
+            answer = [int(t) for t in model.generate(prompt, n_new, temperature=0, stop_ids=[tokenizer.eot_id])]
+        samples.append({"prompt": tokenizer.decode(conv[:start]), "answer": tokenizer.decode(answer)})
+    if hasattr(model, "reshard"):
+        model.reshard()
+    model.train()
+    return samples
+
+
+def make_loader(cfg, data_dir, split, rank, world, vocab_size, sequential=False):
+    if cfg.task == "sft":
+        return data.SFTLoader(data_dir, split, cfg.batch_size, cfg.block_size, rank, world, cfg.seed)
+    return data.PretrainLoader(data_dir, split, cfg.batch_size, cfg.block_size, rank, world, cfg.seed,
+                               sequential=sequential, vocab_size=vocab_size)
+
+
+def check_data_dirs(cfg):
+    """Fail before anything starts when a data dir is missing, naming the data.py command that creates it."""
+    if cfg.task == "sft" and "," in cfg.data_dir:
+        raise ValueError(f"SFT data_dir={cfg.data_dir!r} must be one folder: mix SFT sources when preparing it "
+                         "(python data.py --sft --input a.jsonl:0.7 b.jsonl:0.3 --out DIR)")
+    for d in mixture_dirs(cfg.data_dir):
+        want = "train_offsets.npy" if cfg.task == "sft" else "train_*.bin"
+        if not list(Path(d).glob(want)):
+            sft = "--sft " if cfg.task == "sft" else ""
+            src = f"--source {Path(d).name}" if Path(d).name in data.PRESETS else "--input FILES"
+            same = " (the tokenizer the model was pretrained with)" if cfg.task == "sft" else ""
+            raise FileNotFoundError(f"data dir {d} has no {want} ({cfg.task} data); create it with "
+                                    f"`python data.py {sft}{src} --tokenizer data/tok --out {d}`{same}")
+
+
+def train(cfg):
+    rank, world, device = setup_device(cfg)
+    try:
+        check_data_dirs(cfg)
+        grad_accum = grad_accum_steps(cfg, world)
+        tokenizer = bpe.Tokenizer.load(mixture_dirs(cfg.data_dir)[0])
+        model, ckpt = build_model(cfg, tokenizer, device)
+        if cfg.block_size > model.config.max_seq_len:
+            raise ValueError(f"block_size={cfg.block_size} exceeds the model's max_seq_len="
+                             f"{model.config.max_seq_len}; lower block_size (or raise max_seq_len from scratch)")
+        loader = make_loader(cfg, cfg.data_dir, "train", rank, world, tokenizer.vocab_size)
+        return _train(cfg, model, ckpt, loader, tokenizer, grad_accum, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg, model, ckpt, loader, tokenizer, grad_accum, rank, world, device):
+    master = rank == 0
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else torch.float32 if device.type != "cuda" else \
+        torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)   # fp16 needs loss scaling
+    raw_model = model   # saved and evaluated: never wrapped, never compiled
+    if cfg.activation_checkpointing:   # keep only each block's input; recompute the rest during backward
+        for block in model.layers:
+            block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+    if cfg.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for block in model.layers:   # one all-gather per block, overlapped with the previous block's compute
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+    # AdamW; weight decay only on matrices (dim >= 2): never on norm gains. Fused kernel on CUDA only.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                                  fused=device.type == "cuda")
+    start_step, bad_steps = 0, 0
+    if cfg.init_from == "resume":
+        saved = common.load_trainer_state(ckpt)
+        set_optimizer_state_dict(raw_model, optimizer, saved["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        state = saved["state"]
+        start_step, bad_steps = state["step"], state["bad_steps"]
+        loader.load_state_dict(state["data"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+    use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
+    model = torch.compile(raw_model) if use_compile else raw_model
+    if world > 1 and not cfg.fsdp:
+        ids = None if device.index is None else [device.index]
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    set_grad_sync = lambda last: None
+    if cfg.fsdp:
+        set_grad_sync = raw_model.set_requires_gradient_sync
+    elif world > 1:
+        set_grad_sync = lambda last: setattr(model, "require_backward_grad_sync", last)
+
+    log = RunLog(cfg.out_dir, master, cfg)
+    if master:
+        common.print_config(cfg)
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        common.write_json(Path(cfg.out_dir) / "config.json", common.config_dict(cfg))
+        n = raw_model.num_params()
+        print(f"model: {n / 1e6:.2f}M parameters; {world} process(es) on {device.type}, {dtype}, compile "
+              f"{use_compile}; {grad_accum} micro-steps of {cfg.batch_size} x {cfg.block_size} tokens per process = "
+              f"{cfg.total_batch_tokens:,} tokens per step" + (f"; resuming at step {start_step}" * bool(start_step)))
+        if cfg.task == "sft":
+            meta = json.loads((Path(cfg.data_dir) / "meta.json").read_text())
+            decon = meta.get("decontamination", {})
+            print(f"SFT data: {meta.get('train_conversations')} train / {meta.get('val_conversations')} val "
+                  f"conversations; {decon.get('removed', 0)} removed for 13-gram overlap with MMLU test "
+                  f"({decon.get('mmlu_dir') or 'no MMLU folder: not checked'}); record counts {meta.get('counts')}")
+            log({"step": start_step, "decontaminated": decon.get("removed", 0)})
+    flops_per_token = raw_model.flops_per_token(cfg.block_size)
+    peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
+        if device.type == "cuda" else None
+
+    def save(step, data_state):
+        """All processes take part (FSDP gathers full tensors); rank 0 writes. The old checkpoints stay valid
+        until the new one is complete (common.save_checkpoint writes to a temporary folder, then renames)."""
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(raw_model, options=full) if cfg.fsdp else None
+        opt_state = get_optimizer_state_dict(raw_model, optimizer, options=full)
+        if master:
+            state = {"step": step, "data": data_state, "rng": rng_state(), "scaler": scaler.state_dict(),
+                     "bad_steps": bad_steps}
+            path = common.save_checkpoint(cfg.out_dir, step, raw_model, opt_state, common.config_dict(cfg), state,
+                                          tokenizer_dir=mixture_dirs(cfg.data_dir)[0], keep_last=cfg.keep_last,
+                                          stage=cfg.task, model_state=model_state)
+            print(f"saved {path}")
+        if dist.is_initialized():
+            dist.barrier()
+
+    stop = []   # SIGTERM/SIGINT: the step in flight finishes, a checkpoint is saved, the run exits
+
+    def on_signal(signum, _):
+        if stop:   # a second Ctrl-C: do not wait
+            raise KeyboardInterrupt
+        stop.append(signum)
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():   # Python delivers signals only there
+        handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        step, done_state, ema_dt, t_start = start_step, loader.state_dict(), None, time.time()
+        batches, batches_state = fetch(loader, grad_accum, device) if step < cfg.max_iters else (None, None)
+        stopping = False
+        while True:
+            last = step >= cfg.max_iters
+            if cfg.eval_interval and cfg.eval_iters and (step % cfg.eval_interval == 0 or last) and not stopping:
+                row = {"step": step, **evaluate(raw_model, cfg, tokenizer, autocast, rank, world, device, grad_accum)}
+                if cfg.task == "sft" and cfg.sft_samples:
+                    row["samples"] = sft_samples(raw_model, cfg, tokenizer, autocast, device)
+                log(row)
+                if master:
+                    print(f"eval step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                                            if isinstance(v, float)))
+                    for s in row.get("samples", []):
+                        print(f"  prompt: {s['prompt'][-200:]!r}\n  answer: {s['answer']!r}")
+            periodic = cfg.ckpt_interval and step % cfg.ckpt_interval == 0 and bad_steps == 0   # not mid-trouble
+            if step > start_step and (last or stopping or periodic):
+                save(step, done_state)
+            if last or stopping:
+                break
+            # ---- one optimizer step
+            t0 = time.time()
+            lr = get_lr(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = accumulate_grads(model, batches, world, autocast, scaler, set_grad_sync)
+            if step + 1 < cfg.max_iters:   # load the next step's data while the device is still busy
+                next_batches, next_state = fetch(loader, grad_accum, device)
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm   # FSDP: a DTensor
+            loss, norm = loss.item(), norm.item()
+            if math.isfinite(loss) and (math.isfinite(norm) or scaler.is_enabled()):   # fp16: the scaler skips infs
+                scaler.step(optimizer)
+                bad_steps = 0
+            else:   # skip: no update, the batch is dropped
+                bad_steps += 1
+                log({"step": step + 1, "skipped": f"non-finite loss {loss} or grad norm {norm}"})
+                if master:
+                    print(f"step {step + 1}: skipped (loss {loss}, grad norm {norm}), {bad_steps} in a row")
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            done_state = batches_state
+            if step < cfg.max_iters:
+                batches, batches_state = next_batches, next_state
+            if bad_steps >= cfg.max_bad_steps:
+                last_ckpt = common.list_checkpoints(cfg.out_dir)
+                raise SystemExit(f"error: {bad_steps} non-finite steps in a row (loss {loss}, grad norm {norm}) at "
+                                 f"step {step}; stopped without saving, the last good checkpoint is "
+                                 f"{last_ckpt[-1] if last_ckpt else 'none'}: lower learning_rate or check the data, "
+                                 "then resume from it")
+            flag = all_sum(torch.tensor(float(bool(stop)), device=device))   # every rank stops at the same step
+            stopping = flag.item() > 0
+            if stopping and master:
+                print(f"signal {stop[0] if stop else ''} received: saving a checkpoint at step {step}, then exiting;"
+                      " continue with --init_from=resume")
+            # ---- logging
+            dt = time.time() - t0
+            ema_dt = dt if ema_dt is None or step == start_step + 2 else 0.9 * ema_dt + 0.1 * dt   # skip warm-up
+            if cfg.log_interval and step % cfg.log_interval == 0 and math.isfinite(loss):
+                tok_s = cfg.total_batch_tokens / dt
+                mfu = flops_per_token * tok_s / (world * peak) if peak else None
+                mem = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else \
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6   # Linux: KB
+                eta = ema_dt * (cfg.max_iters - step)
+                log({"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "dt_ms": dt * 1000,
+                     "tokens_per_s": tok_s, "mfu": mfu, "mem_gb": mem, "time": time.time() - t_start})
+                if master:
+                    print(f"step {step}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | "
+                          f"{dt * 1000:.0f} ms | {tok_s:,.0f} tok/s | MFU {f'{mfu:.1%}' if mfu else '-'} | "
+                          f"mem {mem:.2f} GB | eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m")
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    if master and log.path and log.path.exists():
+        plot_losses(log.path, Path(cfg.out_dir) / "loss.png")
+    return raw_model
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = common.parse_config(TrainConfig(), argv)
+    if not cfg.out_dir:   # out/<config file name>, e.g. out/demo
+        name = Path(argv[0]).stem if argv and not argv[0].startswith("--") else "train"
+        cfg.out_dir = str(Path("out") / name)
+    for key, allowed in (("task", ("pretrain", "sft")), ("schedule", ("cosine", "wsd")),
+                         ("dtype", ("auto", "float32", "bfloat16", "float16"))):
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"config key {key}={getattr(cfg, key)!r} must be one of {', '.join(allowed)}")
+    if cfg.plan:
+        return plan(cfg, model_config_from(cfg, llm.model_config(cfg.model).vocab_size))
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    common.cli(main)
