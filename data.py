@@ -1,18 +1,15 @@
 """Data for kiln: download, clean and tokenize text into checked uint16 shards; SFT chat data; MMLU.
 
-Pretraining shards from local files (txt, jsonl[.gz|.zst], parquet, arrow; files, folders or globs):
-    python data.py --input data/raw/ --tokenizer data/tok --out data/mydata
+    python data.py --input data/raw/ --tokenizer data/tok --out data/mydata    # txt, jsonl[.gz|.zst], parquet, arrow
     python data.py --input stories.txt --txt_separator '<|endoftext|>' --tokenizer data/tok --out data/stories
-From a preset on the Hugging Face hub (fineweb-edu, c4, wikipedia, gutenberg, tinystories, wikitext):
-    python data.py --source fineweb-edu --max_shards 2 --tokenizer data/tok --out data/fineweb
-Books3 is no longer distributable: bring your own local files and pass them with --input.
-SFT chat data (messages, conversations, alpaca, dolly, question/answer, self-instruct records; `path:2` = weight):
-    python data.py --sft --input chat.jsonl extra.parquet:0.5 --tokenizer data/tok --out data/chat
+    python data.py --source fineweb-edu --max_shards 2 --tokenizer data/tok --out data/fineweb    # a hub preset
+    python data.py --sft --input chat.jsonl extra.parquet:0.5 --tokenizer data/tok --out data/chat   # path:WEIGHT
     python data.py --sft --source smoltalk --max_shards 1 --tokenizer data/tok --out data/smoltalk
-MMLU in the original CSV layout (fetch from cais/mmlu, or check a folder that is already there):
-    python data.py --mmlu --out data/mmlu
-CPU smoke run:
-    python data.py --input ../shared/data/gutenberg --tokenizer /tmp/tok --out /tmp/gut --workers 2
+    python data.py --mmlu --out data/mmlu           # fetch cais/mmlu in the original CSV layout, or check the folder
+    python data.py --input ../shared/data/gutenberg --tokenizer /tmp/tok --out /tmp/gut --workers 2  # CPU smoke run
+Presets: fineweb-edu, c4, wikipedia, gutenberg, tinystories, wikitext; SFT: smoltalk, alpaca, dolly. Books3 is no
+longer distributable: bring your own files with --input. SFT records: messages, conversations, alpaca, dolly,
+question/answer, self-instruct.
 
 Shard (.bin): 256 int32 header (magic, version, vocab_size, token count as int64, tokenizer hash prefix), then
 uint16 tokens; every document starts with <|bos|>. A prep that is killed resumes where it stopped when run again
@@ -33,7 +30,7 @@ import socket
 import sys
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 from urllib.parse import urlparse
@@ -48,12 +45,32 @@ HEADER_BYTES = HEADER_INTS * 4
 MIN_CHARS = 10  # documents shorter than this after cleaning are "near-empty" and dropped
 ROOT = Path(__file__).resolve().parent
 
-# ----------------------------------------------------------------------------------------------------------
-# Shards
+
+def _write(path, *chunks):
+    """Write bytes to a temporary name, then rename: no reader ever sees a half-written file."""
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+    os.replace(tmp, path)
 
 
+def _parse_weighted(spec):
+    """'a:0.7,b:0.3' or ['a:2', 'b'] -> [(name, weight)]; a suffix counts as a weight only if it is a number."""
+    out = []
+    for item in map(str, spec.split(",") if isinstance(spec, str) else spec):
+        name, _, w = item.rpartition(":")
+        try:
+            out.append((name, float(w)) if name else (item, 1.0))
+        except ValueError:
+            out.append((item, 1.0))
+    if any(w <= 0 for _, w in out):
+        raise ValueError(f"weights in {spec!r} must be positive")
+    return out
+
+
+# ---------- Shards
 def write_shard(path, tokens, vocab_size, tok_hash):
-    """Write header + uint16 tokens to a temporary name, then rename: a shard is never seen half-written."""
     if vocab_size > 65536:
         raise ValueError(f"vocab_size {vocab_size} does not fit uint16 shards: use a tokenizer of at most 65536")
     tokens = np.asarray(tokens, dtype=np.uint16)
@@ -61,11 +78,7 @@ def write_shard(path, tokens, vocab_size, tok_hash):
     header[:3] = MAGIC, VERSION, vocab_size
     header[3:5] = np.array([len(tokens)], dtype="<i8").view("<i4")
     header[5:7] = np.frombuffer(bytes.fromhex(tok_hash[:16].ljust(16, "0")), dtype="<i4")
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2", copy=False).tobytes())
-    os.replace(tmp, path)
+    _write(path, header.tobytes(), tokens.astype("<u2", copy=False).tobytes())
 
 
 def shard_header(path):
@@ -94,10 +107,12 @@ def read_shard(path, vocab_size=None):
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Readers: random order without an n-sized permutation array, and the global window counter
+@functools.lru_cache(maxsize=64)  # memmaps of the recently used shards: thousands would pass the open-file limit
+def _open_shard(path, vocab_size):
+    return read_shard(path, vocab_size)
 
 
+# ---------- Pretraining reader: a seeded order without an n-sized permutation array; a global window counter
 def _mix(x, key):
     """splitmix64's finaliser: a well-mixed uint64 hash of each element of x (wrapping arithmetic)."""
     z = np.asarray(x, dtype=np.uint64) ^ np.uint64(key & (2**64 - 1))
@@ -108,7 +123,7 @@ def _mix(x, key):
 
 
 def _key(*ints):
-    """A uint64 seed from small ints (Python's hash() would differ between processes for strings)."""
+    """A uint64 seed from small ints (the same in every process, unlike hash())."""
     k = 0x6B696C6E
     for v in ints:
         k = int(_mix(np.array([v % 2**64], dtype=np.uint64), k)[0])
@@ -131,59 +146,41 @@ def _permute(i, n, key):
     return x.astype(np.int64)
 
 
-def _parse_weighted(spec):
-    """'a:0.7,b:0.3' or ['a:2', 'b'] -> [(name, weight)]; a suffix counts as a weight only if it is a number."""
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    out = []
-    for item in map(str, items):
-        name, _, w = item.rpartition(":")
-        try:
-            out.append((name, float(w)) if name else (item, 1.0))
-        except ValueError:
-            out.append((item, 1.0))
-    if any(w <= 0 for _, w in out):
-        raise ValueError(f"weights in {spec!r} must be positive")
-    return out
+def _shuffle(k, n, seed):
+    """Stream indices k -> indices in [0, n), in a fresh seeded order each epoch (epoch = k // n)."""
+    epoch, i = np.divmod(np.asarray(k, dtype=np.int64), n)
+    for e in np.unique(epoch):
+        i[epoch == e] = _permute(i[epoch == e], n, _key(seed, int(e)))
+    return i
 
 
 class _Windows:
-    """Windows of block_size + 1 tokens from the shards of one prepared dir; window k of the stream -> token
-    position. Random mode visits a fresh permutation of all windows each epoch; sequential goes in file order."""
+    """The windows of block_size + 1 tokens in the shards of one prepared dir. Random mode visits a fresh
+    permutation of all windows each epoch; sequential mode goes in file order."""
 
     def __init__(self, data_dir, split, block_size, vocab_size, seed, sequential):
-        files = sorted(Path(data_dir).glob(f"{split}_*.bin"))
-        if not files:
+        self.files = [str(f) for f in sorted(Path(data_dir).glob(f"{split}_*.bin"))]
+        if not self.files:
             raise FileNotFoundError(f"no {split}_*.bin shards in {data_dir}: prepare them with "
                                     f"`python data.py --input ... --out {data_dir}`")
-        for f in files:
-            read_shard(f, vocab_size)  # check every header now, not hours into a run
-        vocabs = {shard_header(f)[0] for f in files}
+        sizes = [len(read_shard(f, vocab_size)) for f in self.files]  # check every header now, not hours into a run
+        vocabs = {shard_header(f)[0] for f in self.files}
         if len(vocabs) > 1:
             raise ValueError(f"the shards in {data_dir} disagree on vocab_size {sorted(vocabs)}: re-run data.py")
-        self.files, self.vocab_size = [str(f) for f in files], vocab_size
-        self.T, self.seed, self.sequential = block_size, seed, sequential
+        self.vocab_size, self.T, self.seed, self.sequential = vocab_size, block_size, seed, sequential
         # stride T: x of window i ends where x of window i+1 starts; y needs one extra token
-        per_shard = np.array([max(0, (shard_header(f)[1] - 1) // block_size) for f in files])
-        self.cum = np.concatenate([[0], np.cumsum(per_shard)])
+        self.cum = np.concatenate([[0], np.cumsum([max(0, (n - 1) // block_size) for n in sizes])])
         self.n = int(self.cum[-1])
         if self.n == 0:
             raise ValueError(f"{data_dir} {split} has fewer than block_size + 1 = {block_size + 1} tokens per shard: "
                              "use a smaller block_size or more data")
 
     def windows(self, k):
-        """k: array of stream indices -> list of (B_k, T+1) int64 rows."""
-        epoch, i = np.divmod(np.asarray(k, dtype=np.int64), self.n)
-        if not self.sequential:
-            for e in np.unique(epoch):
-                i[epoch == e] = _permute(i[epoch == e], self.n, _key(self.seed, int(e)))
+        """k: array of stream indices -> list of (T+1,) token rows."""
+        i = np.asarray(k, dtype=np.int64) % self.n if self.sequential else _shuffle(k, self.n, self.seed)
         shard = np.searchsorted(self.cum, i, side="right") - 1
         start = (i - self.cum[shard]) * self.T
         return [_open_shard(self.files[s], self.vocab_size)[p:p + self.T + 1] for s, p in zip(shard, start)]
-
-
-@functools.lru_cache(maxsize=64)  # memmaps of the recently used shards: thousands would pass the open-file limit
-def _open_shard(path, vocab_size):
-    return read_shard(path, vocab_size)
 
 
 class PretrainLoader:
@@ -203,18 +200,14 @@ class PretrainLoader:
         self.parts = [_Windows(name, split, block_size, vocab_size, _key(seed, j), sequential)
                       for j, name in enumerate(self.sources)]
         self.B, self.T, self.rank, self.world, self.seed = batch_size, block_size, rank, world_size, seed
-        self.split, self.sequential = split, sequential
-        self.pos, self.counts = 0, [0] * len(self.parts)
+        self.sequential, self.pos, self.counts = sequential, 0, [0] * len(self.parts)
 
     def next_batch(self):
         """(x, y): (B, T) int64 tensors on CPU; y is x shifted by one token."""
         import torch  # here, not at the top: prep and its worker processes never need torch
         g = self.pos + np.arange(self.world * self.B)  # every rank's windows of this step, to keep the counters
-        if len(self.parts) == 1:
-            src = np.zeros(len(g), dtype=np.int64)
-        else:
-            u = _mix(g, _key(self.seed, -1)).astype(np.float64) / 2.0**64
-            src = np.minimum(np.searchsorted(self.cum_weights, u, side="right"), len(self.parts) - 1)
+        u = _mix(g, _key(self.seed, -1)).astype(np.float64) / 2.0**64
+        src = np.minimum(np.searchsorted(self.cum_weights, u, side="right"), len(self.parts) - 1)
         rows = [None] * self.B
         mine = slice(self.rank * self.B, self.rank * self.B + self.B)
         for j, part in enumerate(self.parts):
@@ -239,76 +232,7 @@ class PretrainLoader:
         self.pos, self.counts = int(d["pos"]), [int(c) for c in d["counts"]]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# MMLU
-
-
-MMLU_SPLITS = {"dev": "dev", "val": "validation", "test": "test"}  # ours -> cais/mmlu's
-
-
-def _mmlu_from_dir(folder, split):
-    files = sorted((Path(folder) / split).glob(f"*_{split}.csv"))
-    if not files:
-        raise FileNotFoundError(f"no {split}/<subject>_{split}.csv files in MMLU folder {folder}: "
-                                f"fetch them with `python data.py --mmlu --out {folder}`")
-    out = {}
-    for f in files:
-        items = out[f.name[:-len(f"_{split}.csv")]] = []
-        with open(f, encoding="utf-8", newline="") as fh:
-            reader = csv.reader(fh)
-            for row in reader:
-                if len(row) != 6:
-                    raise ValueError(f"{f} line {reader.line_num}: expected 6 fields (question, A, B, C, D, answer), "
-                                     f"got {len(row)}; fix or remove that row")
-                if row[5].strip() not in ("A", "B", "C", "D"):
-                    raise ValueError(f"{f} line {reader.line_num}: answer {row[5]!r} is not A, B, C or D; fix that row")
-                items.append({"question": row[0], "choices": row[1:5], "answer": row[5].strip()})
-    return out
-
-
-def _mmlu_from_hub(split):
-    import pyarrow.parquet as pq
-    out = {}
-    fix = ("put MMLU in its original CSV layout (dev/, val/, test/ with <subject>_<split>.csv) in data/mmlu, or "
-           "run `python data.py --mmlu --out data/mmlu` where there is network")
-    for f in hub_files("mmlu", "cais/mmlu", [f"all/{MMLU_SPLITS[split]}-*.parquet"], fix=fix):
-        for r in pq.read_table(f, columns=["question", "subject", "choices", "answer"]).to_pylist():
-            out.setdefault(r["subject"], []).append(
-                {"question": r["question"], "choices": list(r["choices"]), "answer": "ABCD"[r["answer"]]})
-    return dict(sorted(out.items()))
-
-
-def load_mmlu(source, split="test", subjects=None):
-    """{subject: [{question, choices (4 str), answer 'A'..'D'}]} from "hub" (cais/mmlu) or a folder laid out as
-    the original release: {dev,val,test}/<subject>_<split>.csv, no header, 6 fields per row."""
-    if split not in MMLU_SPLITS:
-        raise ValueError(f"MMLU split {split!r} does not exist: use one of {', '.join(MMLU_SPLITS)}")
-    data = _mmlu_from_hub(split) if str(source) == "hub" else _mmlu_from_dir(source, split)
-    if subjects:
-        subjects = subjects.split(",") if isinstance(subjects, str) else list(subjects)
-        missing = [s for s in subjects if s not in data]
-        if missing:
-            raise ValueError(f"MMLU subject(s) {', '.join(missing)} not in {source} {split}; "
-                             f"available: {', '.join(data)}")
-        data = {s: data[s] for s in subjects}
-    return data
-
-
-def save_mmlu(out_dir):
-    """Fetch cais/mmlu into the original CSV layout (what load_mmlu(folder) and eval_mmlu.py read)."""
-    for split in MMLU_SPLITS:
-        (Path(out_dir) / split).mkdir(parents=True, exist_ok=True)
-        for subject, items in load_mmlu("hub", split).items():
-            buf = io.StringIO()
-            csv.writer(buf, lineterminator="\n").writerows([it["question"], *it["choices"], it["answer"]]
-                                                           for it in items)
-            _write_text(Path(out_dir) / split / f"{subject}_{split}.csv", buf.getvalue())
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Downloads: thin wrappers over huggingface_hub. (preset: repo, file patterns, text field)
-
-
+# ---------- Downloads: thin wrappers over huggingface_hub. (preset: repo, file patterns, text field)
 PRESETS = {
     "fineweb-edu": ("HuggingFaceFW/fineweb-edu", ["sample/10BT/*.parquet"], "text"),
     "c4": ("allenai/c4", ["en/c4-train.*.json.gz"], "text"),
@@ -353,10 +277,7 @@ def hub_files(preset, repo, patterns, max_files=None, fix=None):
     return files
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Pretraining prep: read -> clean -> dedup -> split -> tokenize (worker processes) -> shards
-
-
+# ---------- Pretraining prep: read -> clean -> dedup -> split -> tokenize (worker processes) -> shards
 _PG_START = re.compile(r"^\*\*\* ?START OF.*$", re.M)
 _PG_END = re.compile(r"^\*\*\* ?END OF", re.M)
 _PG_LAST = re.compile(r"^End of (the )?Project Gutenberg", re.M)  # the book's own closing line, just before
@@ -365,8 +286,7 @@ _WIKITEXT_TITLE = re.compile(r"^ = [^=].* = \n?$")
 
 def clean(text):
     """(text, stripped_gutenberg): BOM removed, newlines normalised to \\n, the Project Gutenberg header and
-    licence footer (outside the '*** START OF' / '*** END OF' lines, and the 'End of Project Gutenberg's ...'
-    line) cut, outer whitespace stripped."""
+    licence footer cut, outer whitespace stripped."""
     text = text.lstrip("\ufeff")
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
@@ -391,11 +311,10 @@ def _read_jsonl_records(path):
                     yield None
 
 
-def iter_docs(files, text_field="text", txt_separator=None, stats=None, wikitext=False):
-    """Raw documents in file order. txt is read here: invalid UTF-8 is replaced (U+FFFD) and counted, and
-    --txt_separator splits a file into documents. wikitext rows (one line each) are joined into articles."""
-    stats = {} if stats is None else stats
-    for path in map(Path, files):
+def iter_docs(files, text_field, txt_separator, stats, wikitext=False):
+    """Raw documents in file order. Invalid UTF-8 in txt is replaced (U+FFFD) and counted, never a crash;
+    --txt_separator splits a txt file into documents; wikitext rows (one line each) are joined into articles."""
+    for path in files:
         if path.name.endswith(".txt"):
             raw = path.read_bytes()
             try:
@@ -403,7 +322,7 @@ def iter_docs(files, text_field="text", txt_separator=None, stats=None, wikitext
             except UnicodeDecodeError:
                 text, bad = raw.decode("utf-8", errors="replace"), True
             for part in text.split(txt_separator) if txt_separator else [text]:
-                stats["utf8_replaced"] = stats.get("utf8_replaced", 0) + (bad and "\ufffd" in part)
+                stats["utf8_replaced"] += bad and "\ufffd" in part
                 yield part
         elif path.name.endswith((".json", ".json.gz")):  # c4 ships JSON lines as .json.gz
             for n, r in enumerate(_read_jsonl_records(path), 1):
@@ -457,60 +376,46 @@ def _units(docs, stats, shard_bytes, val_fraction, max_docs):
 _TOK = None  # the tokenizer of this worker process
 
 
-def _init_worker(tok_dir, inline):
+def _init_worker(tok_dir, in_process):
     global _TOK
-    if not inline:  # several worker processes already use the cores; tokenizers' threads would oversubscribe
+    if not in_process:  # several worker processes already use the cores; tokenizers' threads would oversubscribe
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     _TOK = bpe.Tokenizer.load(tok_dir)
 
 
-def _exit_with_parent(parent):
-    while os.getppid() == parent:  # a prep killed with SIGKILL must not leave idle workers behind
+def _exit_with_parent(parent):  # a prep killed with SIGKILL must not leave idle workers behind
+    while os.getppid() == parent:
         time.sleep(1)
     os._exit(1)
 
 
-def encode_docs(tok, texts, batch_chars=1 << 22):
-    """uint16 tokens of the documents, each preceded by bos, encoded in batches of about batch_chars characters
-    so that the Python lists of ids never hold more than a few MB."""
-    parts, j = [], 0
-    while j < len(texts):
-        k, n = j, 0
-        while k < len(texts) and (k == j or n < batch_chars):
-            n, k = n + len(texts[k]), k + 1
-        flat = []
-        for ids in tok.encode_batch(texts[j:k]):
-            flat.append(tok.bos_id)
-            flat += ids
-        parts.append(np.array(flat, dtype=np.uint16))
-        j = k
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
-
-
-def _tokenize_unit(out_dir, i, train, val):
-    """One work unit -> train_{i:06d}.bin and (if it has val documents) val_{i:06d}.bin. Runs in a worker."""
+def _tokenize_unit(out_dir, i, train, val, batch_chars=1 << 22):
+    """One work unit -> train_{i:06d}.bin and (if it has val documents) val_{i:06d}.bin. Runs in a worker.
+    Documents are encoded in batches of about batch_chars so that the Python lists of ids stay a few MB."""
     counts = {}
     for split, texts in (("train", train), ("val", val)):
-        tokens = encode_docs(_TOK, texts)
+        parts, j = [np.zeros(0, dtype=np.uint16)], 0
+        while j < len(texts):
+            k, n = j + 1, len(texts[j])
+            while k < len(texts) and n < batch_chars:
+                n, k = n + len(texts[k]), k + 1
+            flat = []
+            for ids in _TOK.encode_batch(texts[j:k]):
+                flat.append(_TOK.bos_id)
+                flat += ids
+            parts.append(np.array(flat, dtype=np.uint16))
+            j = k
+        tokens = np.concatenate(parts)
         counts[split] = len(tokens)
         if texts:
             write_shard(Path(out_dir) / f"{split}_{i:06d}.bin", tokens, _TOK.vocab_size, _TOK.hash)
     return i, counts
 
 
-def _write_text(path, text):
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _sha256(path):
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _load_tokenizer(tokenizer):
@@ -525,21 +430,6 @@ def _load_tokenizer(tokenizer):
     return tok
 
 
-def _start_out(out, tok, settings):
-    """Create out/ with a tokenizer copy; return the state of an earlier run of the same prep (resume)."""
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.tmp*"):  # temporary files of a killed run
-        stale.unlink()
-    state_file = out / ".prep_state.json"
-    state = json.loads(state_file.read_text()) if state_file.exists() else None
-    if state and state["settings"] != settings:
-        raise ValueError(f"{out} holds a prep of other inputs or settings: use a new --out or delete it")
-    if not state and any(out.glob("*.bin")):
-        raise ValueError(f"{out} already holds shards from another prep: use a new --out or delete it")
-    tok.save(out)  # tokenizer.json is saved byte for byte, so the hash is unchanged
-    return state or {"settings": settings, "done": {}}
-
-
 def prepare(inputs, tokenizer, out_dir, text_field="text", val_fraction=0.0005, workers=None, txt_separator=None,
             max_docs=None, shard_mb=None, wikitext=False):
     """Tokenize local files into out_dir (train_*.bin, val_*.bin, meta.json, tokenizer copy); returns meta.
@@ -551,37 +441,49 @@ def prepare(inputs, tokenizer, out_dir, text_field="text", val_fraction=0.0005, 
     workers = workers or os.cpu_count()
     stats = dict.fromkeys(["docs_read", "docs_kept", "gutenberg_stripped", "dropped_empty", "dropped_duplicate",
                            "utf8_replaced", "text_bytes"], 0)
-    docs = iter_docs(files, text_field, txt_separator, stats, wikitext)
     # Each shard is one work unit of a worker: about 1/64 of the input, so that small inputs still keep every
     # core busy, between 1 and 100 MB of text. It depends only on the inputs: every machine writes the same shards.
     shard_mb = shard_mb or min(100.0, max(1.0, sum(f.stat().st_size for f in files) / 2**20 / 64))
+    docs = iter_docs(files, text_field, txt_separator, stats, wikitext)
     units = _units(docs, stats, int(shard_mb * 2**20), val_fraction, max_docs)
     first = next(units, None)  # a bad file or field fails here, before anything is written
     if first is None:
         raise ValueError(f"no documents left in {[str(f) for f in files]} after cleaning ({stats['docs_read']} read, "
                          f"{stats['dropped_empty']} empty, {stats['dropped_duplicate']} duplicates)")
     sources = [{"name": f.name, "path": str(f), "bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files]
-    settings = {"sources": [(s["name"], s["sha256"]) for s in sources], "tokenizer_hash": tok.hash,
+    settings = {"sources": [[s["name"], s["sha256"]] for s in sources], "tokenizer_hash": tok.hash,
                 "text_field": text_field, "val_fraction": val_fraction, "txt_separator": txt_separator,
                 "max_docs": max_docs, "shard_mb": shard_mb, "wikitext": wikitext, "version": VERSION}
-    settings = json.loads(json.dumps(settings))  # as it reads back from the state file
-    out = Path(out_dir)
-    state = _start_out(out, tok, settings)
-    state_file, pause = out / ".prep_state.json", float(os.environ.get("KILN_PREP_SLEEP", 0))  # tests kill midway
+
+    # resume: the state file names the finished units of an earlier run of this same prep
+    out, pause = Path(out_dir), float(os.environ.get("KILN_PREP_SLEEP", 0))  # tests kill a slowed prep midway
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.tmp*"):  # temporary files of a killed run
+        stale.unlink()
+    state_file = out / ".prep_state.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else None
+    if state and state["settings"] != settings:
+        raise ValueError(f"{out} holds a prep of other inputs or settings: use a new --out or delete it")
+    if not state and any(out.glob("*.bin")):
+        raise ValueError(f"{out} already holds shards from another prep: use a new --out or delete it")
+    state = state or {"settings": settings, "done": {}}
+    tok.save(out)  # tokenizer.json is saved byte for byte, so the hash is unchanged
     bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=f"tokenizing into {out}", smoothing=0.1)
     t0, tokens_done = time.time(), 0
 
     def finish(i, counts, size):
         nonlocal tokens_done
         state["done"][str(i)] = counts
-        _write_text(state_file, json.dumps(state, sort_keys=True))
+        _write(state_file, json.dumps(state, sort_keys=True).encode())
         tokens_done += counts["train"] + counts["val"]
         bar.update(size)
         bar.set_postfix(tokens_per_s=f"{tokens_done / (time.time() - t0):,.0f}")
         time.sleep(pause)
 
-    with ProcessPoolExecutor(workers, get_context("spawn"), initializer=_init_worker,
-                             initargs=(out, workers == 1)) if workers > 1 else _Inline(out) as pool:
+    # workers=1 tokenizes in a thread of this process: no process start-up, and tokenizers' own threads
+    pool = (ProcessPoolExecutor(workers, get_context("spawn"), initializer=_init_worker, initargs=(out, False))
+            if workers > 1 else ThreadPoolExecutor(1, initializer=_init_worker, initargs=(out, True)))
+    with pool:
         pending = {}
         for i, train, val, size in itertools.chain([first], units):
             done = state["done"].get(str(i))
@@ -599,7 +501,7 @@ def prepare(inputs, tokenizer, out_dir, text_field="text", val_fraction=0.0005, 
             "bos_id": tok.bos_id, "sources": sources, "settings": settings, "docs": stats,
             "train_tokens": n["train"], "val_tokens": n["val"],
             "train_shards": len(list(out.glob("train_*.bin"))), "val_shards": len(list(out.glob("val_*.bin")))}
-    _write_text(out / "meta.json", json.dumps(meta, indent=1) + "\n")
+    _write(out / "meta.json", (json.dumps(meta, indent=1) + "\n").encode())
     print(f"{out}: {n['train']:,} train + {n['val']:,} val tokens from {stats['docs_kept']:,} documents "
           f"({stats['text_bytes'] / 2**20:,.1f} MB); dropped {stats['dropped_empty']} near-empty and "
           f"{stats['dropped_duplicate']} duplicates; {stats['gutenberg_stripped']} Gutenberg headers stripped; "
@@ -609,28 +511,71 @@ def prepare(inputs, tokenizer, out_dir, text_field="text", val_fraction=0.0005, 
     return meta
 
 
-class _Inline:
-    """The executor interface, run in this process (workers=1): simpler to debug, no process start-up."""
-
-    def __init__(self, out):
-        _init_worker(out, True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def submit(self, fn, *args):
-        f = Future()
-        f.set_result(fn(*args))
-        return f
+# ---------- MMLU
+MMLU_SPLITS = {"dev": "dev", "val": "validation", "test": "test"}  # ours -> cais/mmlu's
 
 
-# ----------------------------------------------------------------------------------------------------------
-# SFT: records -> messages -> (ids, mask); decontamination; packing loader
+def load_mmlu(source, split="test", subjects=None):
+    """{subject: [{question, choices (4 str), answer 'A'..'D'}]} from "hub" (cais/mmlu) or a folder laid out as
+    the original release: {dev,val,test}/<subject>_<split>.csv, no header, 6 fields per row."""
+    if split not in MMLU_SPLITS:
+        raise ValueError(f"MMLU split {split!r} does not exist: use one of {', '.join(MMLU_SPLITS)}")
+    data = {}
+    if str(source) == "hub":
+        import pyarrow.parquet as pq
+        fix = ("put MMLU in its original CSV layout (dev/, val/, test/ with <subject>_<split>.csv) in data/mmlu, "
+               "or run `python data.py --mmlu --out data/mmlu` where there is network")
+        for f in hub_files("mmlu", "cais/mmlu", [f"all/{MMLU_SPLITS[split]}-*.parquet"], fix=fix):
+            for r in pq.read_table(f, columns=["question", "subject", "choices", "answer"]).to_pylist():
+                data.setdefault(r["subject"], []).append(
+                    {"question": r["question"], "choices": list(r["choices"]), "answer": "ABCD"[r["answer"]]})
+        data = dict(sorted(data.items()))
+    else:
+        files = sorted((Path(source) / split).glob(f"*_{split}.csv"))
+        if not files:
+            raise FileNotFoundError(f"no {split}/<subject>_{split}.csv files in MMLU folder {source}: "
+                                    f"fetch them with `python data.py --mmlu --out {source}`")
+        for f in files:
+            items = data[f.name[:-len(f"_{split}.csv")]] = []
+            with open(f, encoding="utf-8", newline="") as fh:
+                reader = csv.reader(fh)
+                for row in reader:
+                    if len(row) != 6:
+                        raise ValueError(f"{f} line {reader.line_num}: expected 6 fields (question, A, B, C, D, "
+                                         f"answer), got {len(row)}; fix or remove that row")
+                    if row[5].strip() not in ("A", "B", "C", "D"):
+                        raise ValueError(f"{f} line {reader.line_num}: answer {row[5]!r} is not A, B, C or D; "
+                                         "fix that row")
+                    items.append({"question": row[0], "choices": row[1:5], "answer": row[5].strip()})
+    if subjects:
+        subjects = subjects.split(",") if isinstance(subjects, str) else list(subjects)
+        missing = [s for s in subjects if s not in data]
+        if missing:
+            raise ValueError(f"MMLU subject(s) {', '.join(missing)} not in {source} {split}; "
+                             f"available: {', '.join(data)}")
+        data = {s: data[s] for s in subjects}
+    return data
 
 
+def save_mmlu(out_dir):
+    """Fetch cais/mmlu into the original CSV layout (what load_mmlu(folder) and eval_mmlu.py read)."""
+    for split in MMLU_SPLITS:
+        (Path(out_dir) / split).mkdir(parents=True, exist_ok=True)
+        for subject, items in load_mmlu("hub", split).items():
+            buf = io.StringIO()
+            csv.writer(buf, lineterminator="\n").writerows([it["question"], *it["choices"], it["answer"]]
+                                                           for it in items)
+            _write(Path(out_dir) / split / f"{subject}_{split}.csv", buf.getvalue().encode())
+
+
+def default_mmlu_dir():
+    for folder in (ROOT / "data" / "mmlu", ROOT.parent / "shared" / "data" / "mmlu"):
+        if (folder / "test").is_dir():
+            return folder
+    return None
+
+
+# ---------- SFT: records -> messages -> (ids, mask); decontamination; packing loader
 ROLE_NAMES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 
 
@@ -666,34 +611,10 @@ def to_messages(r):
     return msgs, None
 
 
-def _read_records(path):
-    if path.name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            yield from batch.to_pylist()
-    elif path.name.endswith(".json"):
-        yield from json.loads(path.read_text(encoding="utf-8"))  # alpaca_data.json: one JSON list
-    else:
-        yield from _read_jsonl_records(path)
-
-
-def _words(text):
-    return re.findall(r"\w+", text.lower())
-
-
-def mmlu_ngrams(mmlu_dir, n=13):
-    """The set of lowercased word n-grams of every MMLU test question (GPT-3's contamination check)."""
-    grams = set()
-    for items in load_mmlu(mmlu_dir, "test").values():
-        for it in items:
-            w = _words(it["question"])
-            grams.update(tuple(w[i:i + n]) for i in range(len(w) - n + 1))
-    return grams
-
-
-def _contaminated(msgs, grams, n=13):
-    w = _words("\n".join(m["content"] for m in msgs))
-    return any(tuple(w[i:i + n]) in grams for i in range(len(w) - n + 1))
+def _ngrams(text, n=13):
+    """Lowercased word n-grams: GPT-3's contamination check."""
+    w = re.findall(r"\w+", text.lower())
+    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
 
 
 def load_sft(inputs, tokenizer, max_len, grams=None):
@@ -704,10 +625,17 @@ def load_sft(inputs, tokenizer, max_len, grams=None):
     for name, weight in _parse_weighted(inputs):
         mine = []
         for path in bpe.find_files([name]):
-            for r in _read_records(path):
+            if path.name.endswith(".parquet"):
+                import pyarrow.parquet as pq
+                records = (r for b in pq.ParquetFile(path).iter_batches(batch_size=1024) for r in b.to_pylist())
+            elif path.name.endswith(".json"):
+                records = json.loads(path.read_text(encoding="utf-8"))  # alpaca_data.json: one JSON list
+            else:
+                records = _read_jsonl_records(path)
+            for r in records:
                 counts["records"] += 1
                 msgs, why = to_messages(r)
-                if msgs is not None and grams and _contaminated(msgs, grams):
+                if msgs is not None and grams and _ngrams("\n".join(m["content"] for m in msgs)) & grams:
                     why = "contaminated"
                 if msgs is not None and why is None:
                     try:
@@ -727,13 +655,6 @@ def load_sft(inputs, tokenizer, max_len, grams=None):
     return convs, counts
 
 
-def default_mmlu_dir():
-    for folder in (ROOT / "data" / "mmlu", ROOT.parent / "shared" / "data" / "mmlu"):
-        if (folder / "test").is_dir():
-            return folder
-    return None
-
-
 def prepare_sft(inputs, tokenizer, out_dir, max_len=2048, val_fraction=0.02, mmlu_dir=None, decontaminate=True):
     """Write an SFT dir: {train,val}_{ids (uint16), mask (uint8), offsets (int64)}.npy, meta.json, tokenizer."""
     tok = _load_tokenizer(tokenizer)
@@ -742,7 +663,8 @@ def prepare_sft(inputs, tokenizer, out_dir, max_len=2048, val_fraction=0.02, mml
         print("note: no MMLU folder (data/mmlu or ../shared/data/mmlu) so no decontamination; "
               "fetch one with `python data.py --mmlu --out data/mmlu`")
     elif decontaminate:
-        grams = mmlu_ngrams(mmlu_dir)
+        grams = set().union(*(_ngrams(it["question"]) for items in load_mmlu(mmlu_dir, "test").values()
+                              for it in items))
     convs, counts = load_sft(inputs, tok, max_len, grams)
     # val split by a hash of the ids: stable, and repeated copies of a record land on the same side
     keys = [int.from_bytes(hashlib.blake2b(np.asarray(ids, np.uint16).tobytes(), digest_size=8).digest(), "little")
@@ -755,19 +677,19 @@ def prepare_sft(inputs, tokenizer, out_dir, max_len=2048, val_fraction=0.02, mml
     tok.save(out)
     for split, sel in (("train", ~is_val), ("val", is_val)):
         part = [c for c, s in zip(convs, sel) if s]
-        offsets = np.concatenate([[0], np.cumsum([len(ids) for ids, _ in part])]).astype(np.int64)
         arrays = {"ids": np.array([t for ids, _ in part for t in ids], dtype=np.uint16),
-                  "mask": np.array([m for _, mask in part for m in mask], dtype=np.uint8), "offsets": offsets}
+                  "mask": np.array([m for _, mask in part for m in mask], dtype=np.uint8),
+                  "offsets": np.concatenate([[0], np.cumsum([len(ids) for ids, _ in part])]).astype(np.int64)}
         for name, a in arrays.items():
-            tmp = out / f"{split}_{name}.tmp{os.getpid()}.npy"
-            np.save(tmp, a)
-            os.replace(tmp, out / f"{split}_{name}.npy")
+            buf = io.BytesIO()
+            np.save(buf, a)
+            _write(out / f"{split}_{name}.npy", buf.getbuffer())
     meta = {"kind": "sft", "tokenizer_hash": tok.hash, "vocab_size": tok.vocab_size, "max_len": max_len,
             "inputs": [str(i) for i in inputs], "val_fraction": val_fraction, "counts": counts,
             "decontamination": {"mmlu_dir": str(mmlu_dir) if grams else None, "ngram": 13,
                                 "removed": counts.get("contaminated", 0)},
             "train_conversations": int((~is_val).sum()), "val_conversations": int(is_val.sum())}
-    _write_text(out / "meta.json", json.dumps(meta, indent=1) + "\n")
+    _write(out / "meta.json", (json.dumps(meta, indent=1) + "\n").encode())
     print(f"{out}: {meta['train_conversations']} train + {meta['val_conversations']} val conversations; {counts}")
     return meta
 
@@ -787,7 +709,6 @@ class SFTLoader:
         self.offsets = np.load(d / f"{split}_offsets.npy")
         lengths = np.diff(self.offsets)
         fits = np.flatnonzero(lengths <= block_size + 1)
-        self.dropped_too_long = len(lengths) - len(fits)
         if not len(fits):
             raise ValueError(f"no conversation in {d} {split} fits block_size + 1 = {block_size + 1} tokens")
         self.rows, row, used = [], [], 0
@@ -815,12 +736,9 @@ class SFTLoader:
     def next_batch(self):
         import torch
         g = self.pos + self.rank * self.B + np.arange(self.B)
-        epoch, i = np.divmod(g, len(self.rows))
-        rows = [self._row(int(_permute(np.array([k]), len(self.rows), _key(self.seed, int(e)))[0]))
-                for e, k in zip(epoch, i)]
+        rows = [self._row(int(r)) for r in _shuffle(g, len(self.rows), self.seed)]
         self.pos += self.world * self.B
-        x, y, doc = (torch.from_numpy(np.stack(a)) for a in zip(*rows))  # each (B, T)
-        return x, y, doc
+        return tuple(torch.from_numpy(np.stack(a)) for a in zip(*rows))  # x, y, doc_ids: each (B, T)
 
     def state_dict(self):
         return {"pos": self.pos, "block_size": self.T, "seed": self.seed, "rows": len(self.rows)}
@@ -832,10 +750,7 @@ class SFTLoader:
         self.pos = int(d["pos"])
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-
-
+# ---------- Command line
 def main(argv=None):
     p = argparse.ArgumentParser(description="Prepare kiln data: pretraining shards, SFT chat data, MMLU.")
     p.add_argument("--input", nargs="+", help="files, folders or globs (SFT: each may end in :WEIGHT)")
@@ -845,12 +760,10 @@ def main(argv=None):
     p.add_argument("--text_field", default=None, help="text column of jsonl/parquet/arrow (default: text)")
     p.add_argument("--val_fraction", type=float, default=None, help="held-out share (default 0.0005, SFT 0.02)")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
-    p.add_argument("--txt_separator", default=None, help="split .txt files into documents on this string "
-                   "(backslash escapes like \\n work)")
+    p.add_argument("--txt_separator", default=None, help="split .txt files into documents here (\\n escapes work)")
     p.add_argument("--max_docs", type=int, default=None, help="stop after this many documents")
     p.add_argument("--max_shards", type=int, default=None, help="download at most this many files per preset")
-    p.add_argument("--shard_mb", type=float, default=None, help="MB of text per shard (default: 1/64 of the "
-                   "input, 1 to 100)")
+    p.add_argument("--shard_mb", type=float, default=None, help="MB of text per shard (default: input/64, 1 to 100)")
     p.add_argument("--sft", action="store_true", help="prepare SFT chat data")
     p.add_argument("--max_len", type=int, default=2048, help="SFT: longest conversation kept, in tokens")
     p.add_argument("--mmlu_dir", default=None, help="SFT: MMLU folder to decontaminate against")
@@ -871,9 +784,9 @@ def main(argv=None):
     inputs, field = list(a.input or []), a.text_field
     for name, weight in _parse_weighted(a.source or []):
         if name not in PRESETS or (name in SFT_PRESETS) != a.sft:
-            kind = SFT_PRESETS if a.sft else [p for p in PRESETS if p not in SFT_PRESETS]
             if name.lower() == "books3":
                 raise ValueError("Books3 is no longer distributable: bring your own local files with --input PATH")
+            kind = SFT_PRESETS if a.sft else [p for p in PRESETS if p not in SFT_PRESETS]
             raise ValueError(f"unknown {'SFT ' if a.sft else ''}preset {name!r}: use one of {', '.join(kind)}")
         repo, patterns, preset_field = PRESETS[name]
         field = field or preset_field
