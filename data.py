@@ -55,7 +55,7 @@ def _write(path, *chunks):
     os.replace(tmp, path)
 
 
-def _parse_weighted(spec):
+def parse_weighted(spec):
     """'a:0.7,b:0.3' or ['a:2', 'b'] -> [(name, weight)]; a suffix counts as a weight only if it is a number."""
     out = []
     for item in map(str, spec.split(",") if isinstance(spec, str) else spec):
@@ -193,7 +193,7 @@ class PretrainLoader:
 
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=0,
                  sequential=False, vocab_size=None):
-        parts = _parse_weighted(data_dir)
+        parts = parse_weighted(data_dir)
         self.sources = [name for name, _ in parts]
         w = np.array([w for _, w in parts])
         self.cum_weights = np.cumsum(w / w.sum())
@@ -622,7 +622,7 @@ def load_sft(inputs, tokenizer, max_len, grams=None):
     parquet records; inputs may carry weights ("chat.jsonl:2" repeats, ":0.5" keeps the first half).
     Records that are malformed, longer than max_len tokens or (with grams) overlapping MMLU are counted, not kept."""
     convs, counts = [], {"records": 0, "kept": 0}
-    for name, weight in _parse_weighted(inputs):
+    for name, weight in parse_weighted(inputs):
         mine = []
         for path in bpe.find_files([name]):
             if path.name.endswith(".parquet"):
@@ -782,7 +782,7 @@ def main(argv=None):
     if not a.out or bool(a.input) == bool(a.source):
         raise ValueError("give --out and either --input PATH... or --source PRESET (see python data.py --help)")
     inputs, field = list(a.input or []), a.text_field
-    for name, weight in _parse_weighted(a.source or []):
+    for name, weight in parse_weighted(a.source or []):
         if name not in PRESETS or (name in SFT_PRESETS) != a.sft:
             if name.lower() == "books3":
                 raise ValueError("Books3 is no longer distributable: bring your own local files with --input PATH")
