@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 import types
+import typing
 import traceback
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def cli(main):
 
 def _check(key, value, default, where):
     """Return value converted to the default's type, or raise naming the key, the expected type and the value."""
-    if default is None:  # a None default means "unset": anything may replace it
+    if default is None:  # a None default without a single-type annotation: anything may replace it
         return value
     if isinstance(default, bool):
         if value in (0, 1) and not isinstance(value, float):  # True/False/1/0
@@ -81,9 +82,24 @@ def _parse_value(key, raw, default):
     return value
 
 
+def _prototype(default, hint):
+    """What a value is checked against: the default, or for a None default annotated `int | None` (say) a
+    stand-in of that type, so `--n_kv_head=abc` is refused while `--n_kv_head=2` and `--n_kv_head=None` pass."""
+    if default is not None:
+        return default
+    types_ = [t for t in typing.get_args(hint) if t is not type(None)]
+    return types_[0]() if len(types_) == 1 and types_[0] in (bool, int, float, str) else None
+
+
 def parse_config(defaults, argv):
     """defaults (a dataclass instance) + [config_file.py] [--key=value ...] -> a new instance of the same type."""
-    keys = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults) if f.init}
+    hints = typing.get_type_hints(type(defaults))
+    fields = [f for f in dataclasses.fields(defaults) if f.init]
+    keys = {f.name: _prototype(getattr(defaults, f.name), hints.get(f.name)) for f in fields}
+    nullable = {f.name for f in fields if getattr(defaults, f.name) is None}
+
+    def checked(key, value, where):
+        return value if value is None and key in nullable else _check(key, value, keys[key], where)
 
     def known(key, where):
         if key not in keys:
@@ -103,7 +119,7 @@ def parse_config(defaults, argv):
             if key.startswith("_") or isinstance(value, types.ModuleType):  # __builtins__, `import math`
                 continue
             known(key, f" in {path}")
-            values[key] = _check(key, value, keys[key], f" in {path}")
+            values[key] = checked(key, value, f" in {path}")
     for arg in argv:
         if not arg.startswith("--") or arg == "--":
             raise ValueError(f"unexpected argument {arg!r}: give overrides as --key=value (a config file may "
@@ -115,7 +131,7 @@ def parse_config(defaults, argv):
                 raise ValueError(f"--{key} needs a value: write --{key}=VALUE")
             values[key] = True  # a bare --flag turns a bool on
             continue
-        values[key] = _check(key, _parse_value(key, raw, keys[key]), keys[key], "")
+        values[key] = checked(key, _parse_value(key, raw, keys[key]), "")
     return dataclasses.replace(defaults, **values)
 
 

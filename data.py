@@ -164,9 +164,11 @@ class _Windows:
             raise FileNotFoundError(f"no {split}_*.bin shards in {data_dir}: prepare them with "
                                     f"`python data.py --input ... --out {data_dir}`")
         sizes = [len(read_shard(f, vocab_size)) for f in self.files]  # check every header now, not hours into a run
-        vocabs = {shard_header(f)[0] for f in self.files}
-        if len(vocabs) > 1:
-            raise ValueError(f"the shards in {data_dir} disagree on vocab_size {sorted(vocabs)}: re-run data.py")
+        tokenizers = {shard_header(f)[::2] for f in self.files}  # (vocab_size, tokenizer hash prefix)
+        if len(tokenizers) > 1:
+            raise ValueError(f"the shards in {data_dir} were made by different tokenizers {sorted(tokenizers)}: "
+                             "re-run data.py into an empty --out")
+        self.tokenizer = tokenizers.pop()
         self.vocab_size, self.T, self.seed, self.sequential = vocab_size, block_size, seed, sequential
         # stride T: x of window i ends where x of window i+1 starts; y needs one extra token
         self.cum = np.concatenate([[0], np.cumsum([max(0, (n - 1) // block_size) for n in sizes])])
@@ -199,6 +201,9 @@ class PretrainLoader:
         self.cum_weights = np.cumsum(w / w.sum())
         self.parts = [_Windows(name, split, block_size, vocab_size, _key(seed, j), sequential)
                       for j, name in enumerate(self.sources)]
+        if len({p.tokenizer for p in self.parts}) > 1:  # equal vocab sizes are not enough: the ids must mean the same
+            raise ValueError(f"the mixture {data_dir} mixes data from different tokenizers: prepare every source "
+                             "with the same --tokenizer")
         self.B, self.T, self.rank, self.world, self.seed = batch_size, block_size, rank, world_size, seed
         self.sequential, self.pos, self.counts = sequential, 0, [0] * len(self.parts)
 
@@ -709,6 +714,7 @@ class SFTLoader:
         self.offsets = np.load(d / f"{split}_offsets.npy")
         lengths = np.diff(self.offsets)
         fits = np.flatnonzero(lengths <= block_size + 1)
+        self.too_long = len(lengths) - len(fits)  # skipped, and counted in the trainer's log
         if not len(fits):
             raise ValueError(f"no conversation in {d} {split} fits block_size + 1 = {block_size + 1} tokens")
         self.rows, row, used = [], [], 0
@@ -754,9 +760,10 @@ class SFTLoader:
 def main(argv=None):
     p = argparse.ArgumentParser(description="Prepare kiln data: pretraining shards, SFT chat data, MMLU.")
     p.add_argument("--input", nargs="+", help="files, folders or globs (SFT: each may end in :WEIGHT)")
-    p.add_argument("--source", nargs="+", help=f"hub preset(s): {', '.join(PRESETS)}")
+    p.add_argument("--source", nargs="+", help=f"hub preset(s): {', '.join(PRESETS)} (default fineweb-edu; "
+                   "smoltalk with --sft)")
     p.add_argument("--tokenizer", help="a kiln tokenizer dir (bpe.py --out)")
-    p.add_argument("--out", help="output dir")
+    p.add_argument("--out", help="output dir (default for one preset: data/PRESET)")
     p.add_argument("--text_field", default=None, help="text column of jsonl/parquet/arrow (default: text)")
     p.add_argument("--val_fraction", type=float, default=None, help="held-out share (default 0.0005, SFT 0.02)")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
@@ -779,8 +786,17 @@ def main(argv=None):
                 d = load_mmlu(out, split)
                 print(f"{out}/{split}: {len(d)} subjects, {sum(map(len, d.values())):,} questions, all rows valid")
         return
-    if not a.out or bool(a.input) == bool(a.source):
-        raise ValueError("give --out and either --input PATH... or --source PRESET (see python data.py --help)")
+    if not a.tokenizer:
+        raise ValueError("give --tokenizer DIR: a folder written by `python bpe.py ... --out DIR`")
+    bpe.Tokenizer.load(a.tokenizer)  # a bad tokenizer fails now, not after an hour of downloading
+    if a.input and a.source:
+        raise ValueError("give either --input PATH... or --source PRESET, not both (see python data.py --help)")
+    if not a.input and not a.source:
+        a.source = ["smoltalk" if a.sft else "fineweb-edu"]  # the default presets
+    if not a.out:
+        if a.input or len(a.source) > 1:
+            raise ValueError("give --out DIR: where to write the prepared data")
+        a.out = f"data/{a.source[0]}"  # where config/pretrain_1b.py and config/sft.py look
     inputs, field = list(a.input or []), a.text_field
     for name, weight in parse_weighted(a.source or []):
         if name not in PRESETS or (name in SFT_PRESETS) != a.sft:

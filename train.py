@@ -457,9 +457,10 @@ def train(cfg):
     if cfg.task == "sft":
         meta = json.loads((Path(cfg.data_dir) / "meta.json").read_text())
         decon = meta.get("decontamination", {})
-        log({"step": start_step, "decontaminated": decon.get("removed", 0)},
+        log({"step": start_step, "decontaminated": decon.get("removed", 0), "too_long": loader.too_long},
             f"SFT data: {meta.get('train_conversations')} train / {meta.get('val_conversations')} val "
-            f"conversations; {decon.get('removed', 0)} removed for 13-gram overlap with MMLU test "
+            f"conversations; {loader.too_long} train conversations longer than block_size + 1 skipped; "
+            f"{decon.get('removed', 0)} removed for 13-gram overlap with MMLU test "
             f"({decon.get('mmlu_dir') or 'no MMLU folder: not checked'}); record counts {meta.get('counts')}")
     flops_per_token = raw_model.flops_per_token(cfg.block_size)
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None

@@ -158,7 +158,7 @@ def test_render_prompt_needs_user_last(tok):
 
 
 def test_hugging_face_chat_template_matches(tok, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     tok.save_hf(tmp_path, model_max_length=2048)
     hf_auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
     hf_file = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"),

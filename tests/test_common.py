@@ -42,7 +42,12 @@ def test_config_sharp_edges():
     assert cfg.max_iters == 10000 and isinstance(cfg.max_iters, int)
     assert cfg.betas == (0.8, 0.99)
     assert common.parse_config(Cfg(), ["--prompt=42"]).prompt == "42"  # a str stays a str
-    assert common.parse_config(Cfg(), ["--n_kv_head=auto"]).n_kv_head == "auto"
+    assert common.parse_config(Cfg(), ["--n_kv_head=None"]).n_kv_head is None  # and set back to None
+    # A None default is still type-checked, against its annotation (int | None): no traceback deep in llm.py later.
+    with pytest.raises(ValueError, match=r"n_kv_head"):
+        common.parse_config(Cfg(), ["--n_kv_head=auto"])
+    with pytest.raises(ValueError, match=r"n_kv_head expects int"):
+        common.parse_config(Cfg(), ["--n_kv_head=2.5"])
 
 
 @pytest.mark.parametrize("arg,want", [("--compile", True), ("--compile=True", True), ("--compile=true", True),
@@ -217,7 +222,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_checkpoint_carries_its_tokenizer(tmp_path):
-    bpe = pytest.importorskip("bpe")
+    import bpe
     (tmp_path / "a.txt").write_text("the cat sat on the mat. " * 40)
     (tmp_path / "b.txt").write_text("zebras zigzag quietly. " * 40)
     tok = bpe.train([str(tmp_path / "a.txt")], 270, tmp_path / "tok_a")

@@ -239,11 +239,11 @@ def test_offline_preset_is_one_clear_line(tok_dir, tmp_path):
 # Pretraining reader
 
 
-def make_dir(folder, lengths, vocab=1000, offset=0):
+def make_dir(folder, lengths, vocab=1000, offset=0, tok_hash="0" * 64):
     folder.mkdir()
     start = offset
     for i, n in enumerate(lengths):
-        data.write_shard(folder / f"train_{i:06d}.bin", (np.arange(start, start + n)) % vocab, vocab, "0" * 64)
+        data.write_shard(folder / f"train_{i:06d}.bin", (np.arange(start, start + n)) % vocab, vocab, tok_hash)
         start += n
     return folder
 
@@ -317,6 +317,10 @@ def test_reader_state_dict_resume_and_mixture(tmp_path):
         data.PretrainLoader(str(a), "val", 4, 16)
     with pytest.raises(ValueError, match="vocab_size 30000 but the model has 512"):
         data.PretrainLoader(str(a), "train", 4, 16, vocab_size=512)
+    # the same vocab size from another tokenizer: the ids mean other things, so mixing them is refused
+    c = make_dir(tmp_path / "c", [3000], vocab=30000, tok_hash="f" * 64)
+    with pytest.raises(ValueError, match="different tokenizers"):
+        data.PretrainLoader(f"{a}:0.5,{c}:0.5", "train", 4, 16)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -448,6 +452,10 @@ def test_sft_decontamination_and_packing_loader(tok, tok_dir, tmp_path):
     rendered = {tuple(tok.render_chat(c["messages"])[0]): tok.render_chat(c["messages"])[1] for c in chats}
     T, B = 128, 2  # max_len 120: every conversation fits a row
     ld = data.SFTLoader(tmp_path / "sft", "train", 2 * B, T, seed=1)
+    assert ld.too_long == 0
+    offsets = np.load(tmp_path / "sft" / "train_offsets.npy")
+    short = data.SFTLoader(tmp_path / "sft", "train", 2, 40, seed=1)  # conversations over 41 tokens cannot fit a row
+    assert short.too_long == int(np.sum(np.diff(offsets) > 41)) > 0
     ranks = [data.SFTLoader(tmp_path / "sft", "train", B, T, rank=r, world_size=2, seed=1) for r in range(2)]
     rows = []
     while len(rows) < len(ld.rows):

@@ -146,7 +146,7 @@ def free_port():
 
 
 def test_gradio_two_turn_conversation(loaded):
-    gradio_client = pytest.importorskip("gradio_client")
+    import gradio_client
     model, tokenizer = loaded
     budget = model.config.max_seq_len - 12  # prompt tokens left beside 12 new ones
     system = {"role": "system", "content": "Be brief."}
@@ -181,7 +181,7 @@ def test_gradio_two_turn_conversation(loaded):
 
 def test_hf_export_samples_like_the_checkpoint(ckpt, tmp_path, capsys):
     """An exported Hugging Face folder loads through the same path and gives the same seeded completion."""
-    export_hf = pytest.importorskip("export_hf")
+    import export_hf
     hf_dir = export_hf.export(ckpt, tmp_path / "hf")
     capsys.readouterr()  # export's own message
     outs = []
