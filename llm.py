@@ -112,18 +112,18 @@ class RMSNorm(nn.Module):
 
 def rope_cos_sin(pos, head_dim: int, theta: float):
     """cos/sin for rotary embeddings (https://arxiv.org/abs/2104.09864) at integer positions pos (B, T).
-    Computed per forward in float32 (cheap: T x head_dim) so there is no buffer to lose precision in bf16."""
+    Float32, computed per forward or per KV cache, so there is no buffer that .to(bfloat16) could round."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
     freqs = pos.float()[..., None] * inv_freq            # (B, T, head_dim/2)
-    emb = torch.cat([freqs, freqs], dim=-1)              # (B, T, head_dim): HF's layout, halves not interleaved
-    return emb.cos()[:, None], emb.sin()[:, None]        # (B, 1, T, head_dim) each, broadcast over heads
+    cos, sin = freqs.cos(), freqs.sin()
+    # HF's layout, halves not interleaved; sin carries rotate_half's sign: (-sin, sin), see apply_rope.
+    return torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None]   # (B, 1, T, head_dim) each
 
 
 def apply_rope(x, cos, sin):
-    """Rotate pairs (i, i + head_dim/2): HF's rotate_half convention, so HF weights need no permutation."""
-    x1, x2 = x.chunk(2, dim=-1)                          # (B, H, T, head_dim/2) each
-    rotated = torch.cat([-x2, x1], dim=-1)               # (B, H, T, head_dim)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    """Rotate pairs (i, i + head_dim/2): HF's rotate_half convention, so HF weights need no permutation.
+    rotate_half(x) = (-x2, x1) = roll(x) * (-1, 1), and that sign is already in sin."""
+    return x * cos.to(x.dtype) + x.roll(x.shape[-1] // 2, dims=-1) * sin.to(x.dtype)   # (B, H, T, head_dim)
 
 
 def doc_positions_and_mask(doc_ids):
@@ -140,6 +140,17 @@ def doc_positions_and_mask(doc_ids):
     return t - first, (same_doc & causal)[:, None]                       # (B, T), (B, 1, T, T)
 
 
+def stacked_weight(module, names, cache, layer):
+    """For generation: the weights of module's projections `names`, stacked so that one matmul does the work of
+    two or three (one-token decode steps are bound by per-op overhead). Stacked once per generate call and kept
+    in its KV cache, as the weights cannot change during one call. Training keeps the separate matmuls: a
+    stacked copy would be saved for backward, a full extra copy of the weights per layer under FSDP."""
+    key = (layer, names)
+    if key not in cache.weights:
+        cache.weights[key] = torch.cat([getattr(module, n).weight for n in names])
+    return cache.weights[key]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -151,10 +162,14 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)      # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, KV, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, KV, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, KV = self.n_head, self.n_kv_head
+        if cache is None:
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # (B, T, (H + 2KV) * hd)
+        else:
+            qkv = F.linear(x, stacked_weight(self, ("q_proj", "k_proj", "v_proj"), cache, layer))
+        qkv = qkv.view(B, T, H + 2 * KV, self.head_dim).transpose(1, 2)               # (B, H + 2KV, T, hd)
+        q, k = apply_rope(qkv[:, :H + KV], cos, sin).split([H, KV], dim=1)           # (B, H|KV, T, hd)
+        v = qkv[:, H + KV:]                                                           # (B, KV, T, hd)
         is_causal = mask is None
         if cache is not None:
             start = cache.pos
@@ -164,12 +179,12 @@ class Attention(nn.Module):
             elif start > 0:                              # several new queries after a prefix: bottom-right causal
                 rows = start + torch.arange(T, device=x.device)
                 mask, is_causal = torch.arange(start + T, device=x.device) <= rows[:, None], False   # (T, start+T)
-        gqa = self.n_kv_head != self.n_head
+        gqa = KV != H
         if gqa and mask is not None and q.is_cuda:
             # CUDA's masked kernels do not take GQA (SDPA would fall back to the slow math kernel), so expand
             # K/V here; the unmasked path (pretraining, FlashAttention) keeps K/V small via enable_gqa.
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)              # (B, H, S, hd)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)              # (B, H, S, hd)
+            k = k.repeat_interleave(H // KV, dim=1)                                    # (B, H, S, hd)
+            v = v.repeat_interleave(H // KV, dim=1)                                    # (B, H, S, hd)
             gqa = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))                        # (B, T, d_model)
@@ -184,8 +199,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, cache=None, layer=0):
+        if cache is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = F.linear(x, stacked_weight(self, ("gate_proj", "up_proj"), cache, layer)).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -200,17 +219,21 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), cache, layer)
 
 
 class KVCache:
-    """Preallocated keys/values for every layer; prefill writes T positions, each decode step writes one."""
+    """Preallocated keys/values for every layer; prefill writes T positions, each decode step writes one. It lives
+    for one generate call, so it also holds that call's rotary table and stacked weights (see stacked_weight)."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)   # (L, B, KV, max_len, hd)
         self.v = torch.zeros(shape, device=device, dtype=dtype)   # (L, B, KV, max_len, hd)
         self.pos = 0                                              # positions filled (advanced after all layers)
+        self.weights = {}                                         # stacked_weight's, built on first use
+        positions = torch.arange(max_len, device=device)[None]
+        self.cos, self.sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)   # (1, 1, max_len, hd) each
 
     def update(self, layer: int, k, v):
         end = self.pos + k.shape[2]
@@ -263,9 +286,12 @@ class LLM(nn.Module):
             if cache is not None:
                 raise ValueError("doc_ids cannot be combined with a KV cache; pass one or the other.")
             pos, mask = doc_positions_and_mask(doc_ids)                          # (B, T), (B, 1, T, T)
+            cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+        elif cache is not None:
+            cos, sin = cache.cos[:, :, start:start + T], cache.sin[:, :, start:start + T]   # (1, 1, T, hd) each
         else:
-            pos = torch.arange(start, start + T, device=idx.device)[None]       # (1, T)
-        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+            pos = torch.arange(T, device=idx.device)[None]                      # (1, T)
+            cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
         x = self.embed_tokens(idx)                                               # (B, T, d_model)
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, mask, cache, i)

@@ -46,11 +46,17 @@ def test_logits_match_hf_llama(overrides):
     assert not unexpected and set(missing) <= {"lm_head.weight"} and (not missing or c.tie_embeddings)
     assert len(sd) == len(hf.state_dict())          # every HF tensor has exactly one kiln counterpart
     idx = torch.randint(0, c.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ours, _ = model(idx)
-        theirs = hf(idx).logits
+    ours, _ = model(idx)
+    theirs = hf(idx).logits
     assert ours.abs().max() > 1.0                   # the comparison is not between two near-zero tensors
     assert (ours - theirs).abs().max().item() <= 1e-4
+    # Gradients too: q/k/v and gate/up run as one stacked matmul here, as three and two matmuls in HF.
+    ours.sin().sum().backward()
+    theirs.sin().sum().backward()
+    hf_params = dict(hf.named_parameters())
+    for name, p in model.named_parameters():
+        ref = hf_params[name if name.startswith("lm_head") else "model." + name].grad
+        assert p.grad.abs().max() > 0 and torch.allclose(p.grad, ref, rtol=1e-3, atol=1e-4), name
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -68,6 +74,20 @@ def test_kv_cache_greedy_equals_no_cache_greedy():
         seq = torch.cat([seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
     assert cached.shape == (2, 50)
     assert torch.equal(cached, plain) and torch.equal(cached, seq[:, 9:])
+
+
+def test_generation_sees_weights_changed_between_calls():
+    # generate stacks q/k/v and gate/up weights once per call: an optimizer step between two calls (as in
+    # training-time sampling) must reach the next call. Reference: argmax over full forwards, one token at a time.
+    model = tiny_model(n_kv_head=2)
+    idx = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    before = torch.stack(list(model.generate(idx, 20, temperature=0)), dim=1)
+    randomize(model, seed=3)                                  # in-place copy_, like an optimizer step
+    after = torch.stack(list(model.generate(idx, 20, temperature=0)), dim=1)
+    seq = idx
+    for _ in range(20):
+        seq = torch.cat([seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(after, seq[:, 9:]) and not torch.equal(after, before)
 
 
 def test_chunked_prefill_equals_one_forward():
