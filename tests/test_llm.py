@@ -165,6 +165,15 @@ def test_masked_positions_change_neither_loss_nor_gradients():
     perturbed[1, 8:] = torch.randint(0, V, (8,), generator=g)   # targets under loss_mask 0: any value
     _, loss2, grads2 = loss_and_grads(perturbed)
     assert loss2 == loss and all(torch.equal(a, b) for a, b in zip(grads, grads2))
+    # Target -1 acts as mask 0: real targets under mask 0 at those positions give the same loss and gradients,
+    # so (with the check above) what a -1 position holds reaches neither the loss nor any gradient.
+    swapped, mask2 = targets.clone(), loss_mask.clone()
+    swapped[0, :5], mask2[0, :5] = torch.randint(0, V, (5,), generator=g), 0
+    model.zero_grad()
+    loss3 = model(idx, swapped, loss_mask=mask2)[1]
+    loss3.backward()
+    assert torch.allclose(loss3, loss, rtol=1e-6)
+    assert all(torch.allclose(a, p.grad, rtol=1e-5, atol=1e-7) for a, p in zip(grads, model.parameters()))
     # Independent reference: float64 log-softmax picked at the valid positions only.
     logp = logits.double().log_softmax(-1)
     ref = -logp[~ignored].gather(-1, targets[~ignored][:, None]).mean()
