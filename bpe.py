@@ -162,7 +162,7 @@ def iter_texts(paths, text_field="text", max_chars=None, chunk_chars=None):
             yield text
 
 
-def _sha256(path):
+def sha256_file(path):
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -203,7 +203,7 @@ def train(inputs, vocab_size, out_dir, text_field="text", max_chars=None):
     if tok.get_vocab_size() < vocab_size:
         print(f"note: the text only supports {tok.get_vocab_size()} tokens, not {vocab_size}", file=sys.stderr)
     meta = {"special_tokens": SPECIAL_TOKENS, "text_field": text_field, "max_chars": max_chars, "chars": chars,
-            "inputs": [{"path": str(f), "sha256": _sha256(f)} for f in files]}
+            "inputs": [{"path": str(f), "sha256": sha256_file(f)} for f in files]}
     result = Tokenizer(tok.to_str().encode(), meta)
     result.save(out_dir)
     return result

@@ -30,6 +30,15 @@ import llm
 FORMAT_VERSION = 1  # bump when the checkpoint layout changes
 
 
+def pick_device(name="auto"):
+    """"auto" -> the best device here (CUDA, then Apple MPS, then CPU); any other name is taken as given."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+
+
 def cli(main):
     """Run main(); bad input (ValueError, FileNotFoundError) becomes one line on stderr and exit status 2."""
     try:
@@ -303,8 +312,7 @@ def load_model(path=None, device="cpu"):
     path = find_checkpoint(path)
     if (path / "meta.json").is_file():
         meta = json.loads((path / "meta.json").read_text())
-        init_keys = {f.name for f in dataclasses.fields(llm.ModelConfig) if f.init}
-        cfg = llm.ModelConfig(**{k: v for k, v in meta["model_config"].items() if k in init_keys})
+        cfg = llm.model_config(meta["model_config"])
         weights_file = path / "model.safetensors"
         weights = _read_safetensors(weights_file, device)
     else:
@@ -365,7 +373,7 @@ def hf_config(model_config, tokenizer=None):
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": c.vocab_size, "hidden_size": c.d_model, "intermediate_size": c.ffn_hidden,
         "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
-        "num_key_value_heads": c.n_kv_head or c.n_head, "head_dim": c.d_model // c.n_head,
+        "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
         "hidden_act": "silu", "rms_norm_eps": c.norm_eps, "max_position_embeddings": c.max_seq_len,
         # transformers 5 reads rope_parameters, 4.x reads rope_theta: write both.
         "rope_theta": c.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},

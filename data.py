@@ -418,11 +418,6 @@ def _tokenize_unit(out_dir, i, train, val, batch_chars=1 << 22):
     return i, counts
 
 
-def _sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _load_tokenizer(tokenizer):
     if tokenizer is None:
         raise ValueError("no tokenizer given: pass --tokenizer DIR (train one with `python bpe.py --input ...`)")
@@ -455,7 +450,7 @@ def prepare(inputs, tokenizer, out_dir, text_field="text", val_fraction=0.0005, 
     if first is None:
         raise ValueError(f"no documents left in {[str(f) for f in files]} after cleaning ({stats['docs_read']} read, "
                          f"{stats['dropped_empty']} empty, {stats['dropped_duplicate']} duplicates)")
-    sources = [{"name": f.name, "path": str(f), "bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files]
+    sources = [{"name": f.name, "path": str(f), "bytes": f.stat().st_size, "sha256": bpe.sha256_file(f)} for f in files]
     settings = {"sources": [[s["name"], s["sha256"]] for s in sources], "tokenizer_hash": tok.hash,
                 "text_field": text_field, "val_fraction": val_fraction, "txt_separator": txt_separator,
                 "max_docs": max_docs, "shard_mb": shard_mb, "wikitext": wikitext, "version": VERSION}
@@ -682,8 +677,8 @@ def prepare_sft(inputs, tokenizer, out_dir, max_len=2048, val_fraction=0.02, mml
     tok.save(out)
     for split, sel in (("train", ~is_val), ("val", is_val)):
         part = [c for c, s in zip(convs, sel) if s]
-        arrays = {"ids": np.array([t for ids, _ in part for t in ids], dtype=np.uint16),
-                  "mask": np.array([m for _, mask in part for m in mask], dtype=np.uint8),
+        arrays = {"ids": np.concatenate([np.asarray(ids, np.uint16) for ids, _ in part] or [np.zeros(0, np.uint16)]),
+                  "mask": np.concatenate([np.asarray(m, np.uint8) for _, m in part] or [np.zeros(0, np.uint8)]),
                   "offsets": np.concatenate([[0], np.cumsum([len(ids) for ids, _ in part])]).astype(np.int64)}
         for name, a in arrays.items():
             buf = io.BytesIO()
@@ -788,7 +783,7 @@ def main(argv=None):
         return
     if not a.tokenizer:
         raise ValueError("give --tokenizer DIR: a folder written by `python bpe.py ... --out DIR`")
-    bpe.Tokenizer.load(a.tokenizer)  # a bad tokenizer fails now, not after an hour of downloading
+    _load_tokenizer(a.tokenizer)  # a bad tokenizer fails now, not after an hour of downloading
     if a.input and a.source:
         raise ValueError("give either --input PATH... or --source PRESET, not both (see python data.py --help)")
     if not a.input and not a.source:

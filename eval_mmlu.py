@@ -206,8 +206,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.chat and args.method == "cloze":
         raise ValueError("--chat scores letters; drop --method cloze or --chat")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = str(common.pick_device(args.device))
     source = str(args.data or data.default_mmlu_dir() or "hub")
     tests = data.load_mmlu(source, "test", args.subjects)  # clear errors for a missing subject or a bad CSV row
     tests = {s: items[:args.limit] for s, items in tests.items()}

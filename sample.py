@@ -18,14 +18,6 @@ import torch
 import common
 
 
-def pick_device(name):
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
 def generate_ids(model, prompt_ids, max_new_tokens, temperature=0.8, top_k=None, top_p=None, seed=None,
                  stop_ids=()):
     """Token ids (ints) continuing prompt_ids, one per step, from llm.generate with its KV cache; stops before
@@ -203,7 +195,7 @@ def main(argv=None):
     if args.max_new_tokens < 1 or args.num_samples < 1:
         raise ValueError("--max_new_tokens and --num_samples must be at least 1")
     path = common.find_checkpoint(args.ckpt)
-    model, tokenizer, _ = common.load_model(path, device=pick_device(args.device))
+    model, tokenizer, _ = common.load_model(path, device=common.pick_device(args.device))
     if tokenizer is None:
         raise ValueError(f"{path} has no tokenizer.json; export it again with export_hf.py or pass a kiln checkpoint")
     print(f"loaded {path} ({model.num_params():,} parameters)", file=sys.stderr)

@@ -131,12 +131,14 @@ def all_sum(t):
     return t
 
 
-def accumulate_grads(model, batches, world_size, autocast, scaler, set_grad_sync=lambda last: None):
+def accumulate_grads(model, batches, world_size, autocast, scaler, set_grad_sync=lambda last: None, n_tokens=None):
     """Forward/backward over one optimizer step's micro-batches [(x, y, doc_ids), ...] -> the step's loss: the
     summed cross-entropy of every learned token (y != -1) on all micro-batches and processes over the number of
     those tokens, so batches of short SFT answers do not weigh more than long ones (as with a mean of means).
-    DDP averages gradients over the processes, hence the factor world_size. Pretraining: the plain mean."""
-    n_tokens = all_sum(sum((y != -1).sum() for _, y, _ in batches).float()).clamp(min=1)
+    DDP averages gradients over the processes, hence the factor world_size. Pretraining: the plain mean, and the
+    caller passes n_tokens (every target counts), which saves a count and an all-reduce per step."""
+    if n_tokens is None:
+        n_tokens = all_sum(sum((y != -1).sum() for _, y, _ in batches).float()).clamp(min=1)
     loss_sum = torch.zeros((), device=batches[0][0].device)
     for i, (x, y, doc_ids) in enumerate(batches):
         set_grad_sync(i == len(batches) - 1)   # all-reduce gradients only on the last micro-step
@@ -176,8 +178,7 @@ def set_rng_state(s):
 def setup_device(cfg):
     """-> (rank, world_size, device). torchrun sets RANK and WORLD_SIZE; without them this is one process."""
     if "RANK" not in os.environ:
-        auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-        return 0, 1, torch.device(auto if cfg.device == "auto" else cfg.device)
+        return 0, 1, common.pick_device(cfg.device)
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     use_cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
@@ -508,7 +509,8 @@ def train(cfg):
             lr = get_lr(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = accumulate_grads(model, batches, world, autocast, scaler, set_grad_sync)
+            loss = accumulate_grads(model, batches, world, autocast, scaler, set_grad_sync,
+                                    n_tokens=None if cfg.task == "sft" else float(cfg.total_batch_tokens))
             # load the next step's data while the device is still busy
             next_batches = fetch(loader, grad_accum, device) if step + 1 < cfg.max_iters else (None, None)
             scaler.unscale_(optimizer)

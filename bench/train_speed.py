@@ -11,7 +11,6 @@ median of the pairwise B/A speed ratios.
 """
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess

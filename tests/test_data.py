@@ -187,7 +187,7 @@ def test_errors_leave_no_partial_shard(tok_dir, tmp_path):
     with pytest.raises(ValueError, match="65536"):
         data.prepare([str(tmp_path / "blank.txt")], bpe.Tokenizer(big.to_str().encode()), tmp_path / "o4")
     for out in ["o1", "o2", "o3", "o4"]:
-        assert not list((tmp_path / out).glob("*.bin")) if (tmp_path / out).exists() else True
+        assert not list((tmp_path / out).glob("**/*.bin")), out
     assert not (tmp_path / "o4").exists()
     # the command line gives one line on stderr and exit status 2
     r = subprocess.run([sys.executable, str(ROOT / "data.py"), "--input", str(tmp_path / "nofield.parquet"),
