@@ -1,8 +1,11 @@
 """llm.py against independent references: HF transformers' Llama, no-cache generation, hand-counted sizes."""
+import shutil
+
 import pytest
 import torch
 import transformers  # the outside reference: a pinned test dependency, so never skipped
 
+from conftest import skip_or_fail_on_ci
 from llm import LLM, PRESETS, KVCache, ModelConfig, doc_positions_and_mask, model_config
 
 
@@ -98,6 +101,31 @@ def test_chunked_prefill_equals_one_forward():
         full = model.hidden(x)
     assert cache.pos == 12
     assert torch.allclose(torch.cat(chunks, dim=1), full, atol=1e-5)
+
+
+def test_compiled_decode_equals_eager_and_compiles_once():
+    """compile_decode (torch.compile, dynamic shapes) must give the eager tokens, greedy and sampled, and one
+    compile must serve other prompt lengths and positions: a recompile per length would stall every chat turn."""
+    if not (shutil.which("c++") or shutil.which("g++")):
+        skip_or_fail_on_ci("torch.compile on CPU needs a C++ compiler (Debian: apt install g++)")
+    eager = tiny_model(n_kv_head=2)
+    compiled = tiny_model(n_kv_head=2).compile_decode()
+
+    def run(model, T, **kw):
+        idx = torch.randint(0, 512, (1, T), generator=torch.Generator().manual_seed(T))
+        with torch.inference_mode():
+            return torch.cat(list(model.generate(idx, 40, **kw)))
+
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    # error_on_recompile: a second compile (say, per position) raises instead of passing unnoticed, and so does
+    # giving up on compiling and running eagerly after torch's limit of recompiles.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert torch.equal(run(compiled, 9, temperature=0), run(eager, 9, temperature=0))   # the one compile
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
+        for T in (3, 30):
+            assert torch.equal(run(compiled, T, temperature=0), run(eager, T, temperature=0))
+            kw = dict(temperature=1.0, top_k=50, top_p=0.9, seed=T)
+            assert torch.equal(run(compiled, T, **kw), run(eager, T, **kw))
 
 
 def test_sampling_seeded_reproducible_and_top_k_1_is_greedy():

@@ -1,4 +1,5 @@
 """sample.py: streaming equals plain generation, history trimming, special strings stay text, a Gradio chat."""
+import shutil
 import socket
 
 import pytest
@@ -8,6 +9,7 @@ import bpe
 import common
 import llm
 import sample
+from conftest import skip_or_fail_on_ci
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Café, naïve, crème brûlée. 日本語のテキスト。 "
         "Ünïcödé and emoji 🙂🚀 mixed with plain English sentences about cats and dogs. ") * 40
@@ -66,6 +68,19 @@ def test_streamed_cli_output_equals_plain_generate(ckpt, loaded, capsys, flags):
             break
         ids.append(int(tok[0]))
     assert streamed == prompt + tokenizer.decode(ids) + "\n"
+
+
+def test_compile_flag_streams_the_same_text(ckpt, capsys):
+    """--compile (torch.compile of the decode step) is only faster: the same seed gives the same text."""
+    if not (shutil.which("c++") or shutil.which("g++")):
+        skip_or_fail_on_ci("torch.compile on CPU needs a C++ compiler (Debian: apt install g++)")
+    argv = ["--ckpt", str(ckpt), "--prompt", "Café", "--max_new_tokens", "40", "--temperature", "0.9", "--seed", "3"]
+    sample.main(argv)
+    plain = capsys.readouterr().out
+    sample.main(argv + ["--compile"])
+    compiled = capsys.readouterr()
+    assert "compiling the decode step" in compiled.err
+    assert compiled.out == plain and len(plain) > len("Café\n")
 
 
 def test_stream_never_shows_half_a_character(loaded, monkeypatch):
