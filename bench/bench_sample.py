@@ -3,12 +3,15 @@ inference_mode) against transformers' generate on the same model exported with e
 both sides: batch 1, greedy, use_cache, --prompt_len random prompt tokens, exactly --new_tokens new tokens (no
 stop token), float32.
 
-    python bench/bench_sample.py                       # demo preset, 64 prompt + 128 new tokens, 9 pairs
-    python bench/bench_sample.py --rounds 15 --threads 2
+    python bench/bench_sample.py                       # demo preset, 64 prompt + 128 new tokens, 9 rounds
+    python bench/bench_sample.py --rounds 15 --hf_compile
 
-Random weights (speed does not depend on the values). Alternates HF, kiln, HF, kiln, ... and prints each side's
-tokens/s and the median of the per-pair speed ratios (kiln / HF); "llm.generate" is the bare generator under
-no_grad, for reference. Also checks that every side produced the same tokens.
+Sides, run in turn every round (HF, kiln, kiln --compile, [HF compiled]), so a slow minute of the shared box hits
+them all: "HF" is transformers' plain generate (its default dynamic cache, eager); "kiln" is the default eager
+path; "kiln --compile" adds llm.LLM.compile_decode (sample.py --compile); with --hf_compile, "HF compiled" is
+transformers' own fast path, a static cache and torch.compile'd forward. Compile times are printed, not timed.
+Prints each side's tokens/s per round and the medians of the per-round ratios; checks that every side produced
+the same tokens. Random weights: speed does not depend on the values.
 """
 import argparse
 import statistics
@@ -38,8 +41,9 @@ def main():
     p.add_argument("--preset", default="demo")
     p.add_argument("--prompt_len", type=int, default=64)
     p.add_argument("--new_tokens", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=9)   # a noisy shared box: the median of 9 pairs is stable
+    p.add_argument("--rounds", type=int, default=9)   # a noisy shared box: the median of 9 rounds is stable
     p.add_argument("--threads", type=int, default=1)  # 2 threads on a busy 2-core box: 20x slower
+    p.add_argument("--hf_compile", action="store_true", help="also time HF with a static cache + torch.compile")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import LlamaForCausalLM
@@ -48,28 +52,39 @@ def main():
 
     torch.manual_seed(0)
     model = llm.LLM(llm.model_config(args.preset)).eval()
+    compiled = llm.LLM(model.config).eval()
+    compiled.load_state_dict(model.state_dict())
+    compiled.compile_decode()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = common.save_checkpoint(Path(tmp) / "run", 0, model, {}, {"model": args.preset}, {}, None)
-        hf = LlamaForCausalLM.from_pretrained(export_hf.export(ckpt, Path(tmp) / "hf")).eval()
+        hf_dir = export_hf.export(ckpt, Path(tmp) / "hf")
+        hf = LlamaForCausalLM.from_pretrained(hf_dir).eval()
+        hf_compiled = LlamaForCausalLM.from_pretrained(hf_dir).eval() if args.hf_compile else None
     prompt = torch.randint(len(llm.PRESETS) + 100, model.config.vocab_size, (1, args.prompt_len))  # (1, T)
     n = args.new_tokens
 
-    def run_kiln():
-        return torch.tensor(list(sample.generate_ids(model, prompt[0].tolist(), n, temperature=0)))  # (n,)
+    def kiln(m):
+        return lambda: torch.tensor(list(sample.generate_ids(m, prompt[0].tolist(), n, temperature=0)))  # (n,)
 
-    def run_bare():
-        return torch.cat(list(model.generate(prompt, n, temperature=0)))                  # (n,)
-
-    def run_hf():
-        with torch.no_grad():
-            out = hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
-                              eos_token_id=None, pad_token_id=0)
-        return out[0, args.prompt_len:]                                                  # (n,)
+    def hf_generate(m, **kw):
+        def run():
+            with torch.no_grad():
+                out = m.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
+                                 eos_token_id=None, pad_token_id=0, **kw)
+            return out[0, args.prompt_len:]                                                # (n,)
+        return run
 
     print(f"{args.preset} preset, {model.num_params() / 1e6:.1f}M parameters, prompt {args.prompt_len}, "
           f"{n} new tokens, greedy, batch 1, {torch.get_num_threads()} threads")
-    runs = {"HF": run_hf, "kiln": run_kiln, "llm.generate": run_bare}
-    ref = run_hf()  # also the warm-up: allocator, kernels
+    runs = {"HF": hf_generate(hf), "kiln": kiln(model), "kiln --compile": kiln(compiled)}
+    if hf_compiled is not None:
+        hf_compiled.forward = torch.compile(hf_compiled.forward)
+        runs["HF compiled"] = hf_generate(hf_compiled, cache_implementation="static")
+    ref = runs["HF"]()  # also the warm-up: allocator, kernels
+    for name in runs:
+        if "compile" in name:
+            t, _ = timed(runs[name])
+            print(f"{name}: first call (compiles) {t:.1f} s")
     times = {name: [] for name in runs}
     for r in range(args.rounds):
         line = f"round {r}:"
@@ -78,9 +93,16 @@ def main():
             times[name].append(t)
             line += f"  {name} {n / t:6.1f} tok/s" + ("" if torch.equal(ids, ref) else " (TOKENS DIFFER)")
         print(line, flush=True)
-    for name in ("kiln", "llm.generate"):
-        ratio = statistics.median(h / k for h, k in zip(times["HF"], times[name]))
-        print(f"median speed-up {name} / HF generate: {ratio:.2f}x" + " (goal >= 1.5x)" * (name == "kiln"))
+
+    def speedup(a, b):
+        return statistics.median(tb / ta for ta, tb in zip(times[a], times[b]))
+
+    print(f"median speed-up kiln / HF generate: {speedup('kiln', 'HF'):.2f}x (goal >= 1.5x)")
+    print(f"median speed-up kiln --compile / HF generate: {speedup('kiln --compile', 'HF'):.2f}x")
+    if hf_compiled is not None:
+        print(f"median speed-up kiln --compile / HF compiled: {speedup('kiln --compile', 'HF compiled'):.2f}x")
+        print(f"median speed-up HF compiled / HF generate: {speedup('HF compiled', 'HF'):.2f}x")
+
 
 if __name__ == "__main__":
     main()
