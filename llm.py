@@ -105,10 +105,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # One fused kernel on CUDA (on CPU torch composes it from the small ops HF's version spells out). It
-        # normalizes in float32 whatever x's dtype, like HF's; HF rounds to x's dtype before the weight multiply
-        # and this rounds after it: the same in float32, a last-bit difference in bf16.
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)   # HF rounds to x's dtype before the weight multiply: so do we
 
 
 def rope_cos_sin(pos, head_dim: int, theta: float):
@@ -149,8 +148,9 @@ def decode_weight(module, names, cache, layer):
     are bound by per-op overhead and by reading every weight once per token: there MKL streams an (in, out)
     matrix ~1.3x faster than nn.Linear's x @ w.T reads an (out, in) one (decode +13% end to end, BENCHMARKS.md).
     Built once per generate call and kept in its KV cache, as the weights cannot change during one call: a
-    second copy of the matmul weights while generating (2.2 GB for the 1b preset in bf16). Training keeps
-    nn.Linear: a stacked copy would be saved for backward, a full extra copy of the weights per layer under FSDP."""
+    second copy of the matmul weights while generating, made again at every call (a chat turn): 4.2 GB for the
+    1b preset in float32, as sample.py runs it on CPU, 2.1 GB in bf16. Training keeps nn.Linear: a stacked copy
+    would be saved for backward, a full extra copy of the weights per layer under FSDP."""
     key = (layer, names)
     if key not in cache.weights:
         cache.weights[key] = torch.cat([getattr(module, n).weight for n in names]).t().contiguous()  # (in, out)
@@ -260,6 +260,8 @@ class KVCache:
 
 
 class LLM(nn.Module):
+    compiled_hidden = None   # torch.compile(LLM.hidden), made by the first compile_decode()
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -269,7 +271,7 @@ class LLM(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.decode_step = None   # compile_decode() sets it; None = decode steps run eagerly through hidden()
+        self.decode_compiled = False   # compile_decode() sets it
         self.init_weights()
 
     @torch.no_grad()
@@ -352,7 +354,11 @@ class LLM(nn.Module):
         shapes, so one compile serves every position and prompt length (batch size 1 and larger ones compile
         once each: torch specializes size 1); 10-60 s the first time on 2 CPU cores, then cached on disk by
         torch. Prefill stays eager: it runs once per call."""
-        self.decode_step = torch.compile(self.hidden, dynamic=True)
+        # One compiled LLM.hidden for every model, called with the model as an argument: a compiled bound method
+        # would go on calling the original model from a copy.deepcopy of this one.
+        if LLM.compiled_hidden is None:
+            LLM.compiled_hidden = torch.compile(LLM.hidden, dynamic=True)
+        self.decode_compiled = True
         return self
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None, stop_ids=(),
@@ -382,23 +388,24 @@ class LLM(nn.Module):
         if use_cache:
             dtype = self.lm_head.weight.dtype
             cache = KVCache(self.config, B, T + max_new_tokens, idx.device, dtype)
-        decode = self.decode_step or self.hidden
+        decode = LLM.compiled_hidden if self.decode_compiled else LLM.hidden
         h = self.hidden(idx, cache=cache)                                                # prefill: (B, T, d)
         for step in range(max_new_tokens):
             last = h[:, -1]                                                              # (B, d)
             logits = self.lm_head(last) if cache is None else last @ decode_weight(self, ("lm_head",), cache, -1)
             tok = sample_next(logits.float(), temperature, top_k, top_p, generator)     # (B,)
-            tok = torch.where(done, idx[:, -1], tok)        # finished rows repeat the stop id they produced
-            done = done | torch.isin(tok, stops)
+            if len(stops):  # only then: done.all() below costs a GPU sync and a few ops per token
+                tok = torch.where(done, idx[:, -1], tok)    # finished rows repeat the stop id they produced
+                done = done | torch.isin(tok, stops)
             yield tok
-            if bool(done.all()) or step == max_new_tokens - 1:
+            if step == max_new_tokens - 1 or (len(stops) and bool(done.all())):
                 return
             if use_cache:  # the cache holds everything before: feed only the new token
                 idx = tok[:, None]                                                       # (B, 1)
-                h = decode(idx, cache=cache)
+                h = decode(self, idx, cache=cache)
             else:
                 idx = torch.cat([idx, tok[:, None]], dim=1)                              # (B, T + step + 1)
-                h = decode(idx)
+                h = decode(self, idx)
 
 
 def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):

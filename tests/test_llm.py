@@ -1,4 +1,5 @@
 """llm.py against independent references: HF transformers' Llama, no-cache generation, hand-counted sizes."""
+import copy
 import shutil
 
 import pytest
@@ -108,6 +109,7 @@ def test_compiled_decode_equals_eager_and_compiles_once():
     compile must serve other prompt lengths and positions: a recompile per length would stall every chat turn."""
     if not (shutil.which("c++") or shutil.which("g++")):
         skip_or_fail_on_ci("torch.compile on CPU needs a C++ compiler (Debian: apt install g++)")
+    torch._dynamo.reset()   # torch keeps one compile cache per code object: start from none, whatever ran before
     eager = tiny_model(n_kv_head=2)
     compiled = tiny_model(n_kv_head=2).compile_decode()
 
@@ -126,6 +128,10 @@ def test_compiled_decode_equals_eager_and_compiles_once():
             assert torch.equal(run(compiled, T, temperature=0), run(eager, T, temperature=0))
             kw = dict(temperature=1.0, top_k=50, top_p=0.9, seed=T)
             assert torch.equal(run(compiled, T, **kw), run(eager, T, **kw))
+    # A copy is compiled too, and decodes with its own weights, not the original's.
+    other, copied = tiny_model(seed=1, n_kv_head=2), copy.deepcopy(compiled)
+    copied.load_state_dict(other.state_dict())
+    assert torch.equal(run(copied, 9, temperature=0), run(other, 9, temperature=0))
 
 
 def test_sampling_seeded_reproducible_and_top_k_1_is_greedy():
