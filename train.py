@@ -299,10 +299,9 @@ def evaluate(model, cfg, tokenizer, autocast, rank, world, device, grad_accum):
             if start == 0 or n_new <= 0:
                 continue
             prompt = torch.tensor(conv[:start].astype(np.int64), device=device)[None]   # (1, start)
-            with autocast:
-                answer = model.generate(prompt, n_new, temperature=0, stop_ids=[tokenizer.eot_id])
-            results["samples"].append({"prompt": tokenizer.decode(conv[:start]),
-                                       "answer": tokenizer.decode([int(t) for t in answer])})
+            with autocast:  # generate is a Python generator: consume it inside the block, or no step is autocast
+                answer = [int(t) for t in model.generate(prompt, n_new, temperature=0, stop_ids=[tokenizer.eot_id])]
+            results["samples"].append({"prompt": tokenizer.decode(conv[:start]), "answer": tokenizer.decode(answer)})
         if hasattr(model, "reshard"):
             model.reshard()
     model.train()
