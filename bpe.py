@@ -50,7 +50,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 
-SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".arrow")
+# .json and .json.gz are JSON lines too: C4 ships its shards as .json.gz.
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz")
+SUFFIXES = (".txt", *JSONL_SUFFIXES, ".parquet", ".arrow")
 
 
 def find_files(inputs):
@@ -75,8 +77,9 @@ def _missing_field(path, field, names):
 
 
 def _read_txt(path, chunk_chars):
-    # newline="" keeps \r\n as it is: the tokenizer must see the exact text.
-    with open(path, encoding="utf-8", newline="") as f:
+    # newline="" keeps \r\n as it is: the tokenizer must see the exact text. Invalid UTF-8 becomes U+FFFD, as
+    # in data.py's shards, instead of a crash that names no file.
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
         if not chunk_chars:
             yield f.read()  # a whole file is one document
             return
@@ -146,7 +149,7 @@ def iter_texts(paths, text_field="text", max_chars=None, chunk_chars=None):
     for path in map(Path, paths):
         if path.name.endswith(".txt"):
             texts = _read_txt(path, chunk_chars)
-        elif path.name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")):
+        elif path.name.endswith(JSONL_SUFFIXES):
             texts = _read_jsonl(path, text_field)
         elif path.name.endswith((".parquet", ".arrow")):
             texts = _read_table(path, text_field)

@@ -329,11 +329,6 @@ def iter_docs(files, text_field, txt_separator, stats, wikitext=False):
             for part in text.split(txt_separator) if txt_separator else [text]:
                 stats["utf8_replaced"] += bad and "\ufffd" in part
                 yield part
-        elif path.name.endswith((".json", ".json.gz")):  # c4 ships JSON lines as .json.gz
-            for n, r in enumerate(_read_jsonl_records(path), 1):
-                if not isinstance(r, dict) or not isinstance(r.get(text_field), str):
-                    raise ValueError(f"{path} line {n} has no text field {text_field!r}: pass --text_field NAME")
-                yield r[text_field]
         elif wikitext:
             article = []
             for line in bpe.iter_texts([path], text_field):

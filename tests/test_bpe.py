@@ -213,10 +213,12 @@ def write_all_formats(folder):
     """The same documents in every supported format; returns {name: path}."""
     folder.mkdir()
     rows = "".join(json.dumps({"id": i, "body": d}) + "\n" for i, d in enumerate(DOCS))
-    paths = {f: folder / f"docs.{f}" for f in ("jsonl", "jsonl.gz", "jsonl.zst", "parquet", "arrow", "ipc.arrow")}
+    paths = {f: folder / f"docs.{f}" for f in ("jsonl", "jsonl.gz", "jsonl.zst", "json.gz", "parquet", "arrow",
+                                               "ipc.arrow")}
     paths["jsonl"].write_text(rows, encoding="utf-8")
-    with gzip.open(paths["jsonl.gz"], "wt", encoding="utf-8") as f:
-        f.write(rows)
+    for name in ("jsonl.gz", "json.gz"):   # .json.gz: JSON lines named the way C4 names them
+        with gzip.open(paths[name], "wt", encoding="utf-8") as f:
+            f.write(rows)
     with pa.CompressedOutputStream(str(paths["jsonl.zst"]), "zstd") as f:
         f.write(rows.encode())
     table = pa.table({"id": list(range(len(DOCS))), "body": DOCS})
@@ -242,6 +244,9 @@ def test_every_format_yields_the_same_texts(tmp_path):
                                                                                           "jsonl.zst")]
     # a folder is searched recursively, sorted, keeping only the known suffixes
     assert len(bpe.find_files([str(tmp_path / "docs")])) == len(paths) + len(DOCS)
+    # invalid UTF-8 in a .txt becomes U+FFFD (as in data.py's shards), not a crash
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9 ok")
+    assert list(bpe.iter_texts([tmp_path / "bad.txt"])) == ["caf\ufffd ok"]
     # max_chars cuts the stream at exactly that many characters
     whole = "".join(DOCS)
     assert "".join(bpe.iter_texts([paths["parquet"]], "body", max_chars=40)) == whole[:40]
