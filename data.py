@@ -108,8 +108,10 @@ def read_shard(path, vocab_size=None):
 
 
 @functools.lru_cache(maxsize=64)  # memmaps of the recently used shards: thousands would pass the open-file limit
-def _open_shard(path, vocab_size):
-    return read_shard(path, vocab_size)
+def _open_shard(path, n_tokens):
+    """A shard whose header _Windows checked when it opened the directory: no header read on this hot path
+    (with many shards, random order misses this cache on most windows)."""
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
 
 
 # ---------- Pretraining reader: a seeded order without an n-sized permutation array; a global window counter
@@ -163,15 +165,15 @@ class _Windows:
         if not self.files:
             raise FileNotFoundError(f"no {split}_*.bin shards in {data_dir}: prepare them with "
                                     f"`python data.py --input ... --out {data_dir}`")
-        sizes = [len(read_shard(f, vocab_size)) for f in self.files]  # check every header now, not hours into a run
+        self.sizes = [len(read_shard(f, vocab_size)) for f in self.files]  # check every header now, not hours in
         tokenizers = {shard_header(f)[::2] for f in self.files}  # (vocab_size, tokenizer hash prefix)
         if len(tokenizers) > 1:
             raise ValueError(f"the shards in {data_dir} were made by different tokenizers {sorted(tokenizers)}: "
                              "re-run data.py into an empty --out")
         self.tokenizer = tokenizers.pop()
-        self.vocab_size, self.T, self.seed, self.sequential = vocab_size, block_size, seed, sequential
+        self.T, self.seed, self.sequential = block_size, seed, sequential
         # stride T: x of window i ends where x of window i+1 starts; y needs one extra token
-        self.cum = np.concatenate([[0], np.cumsum([max(0, (n - 1) // block_size) for n in sizes])])
+        self.cum = np.concatenate([[0], np.cumsum([max(0, (n - 1) // block_size) for n in self.sizes])])
         self.n = int(self.cum[-1])
         if self.n == 0:
             raise ValueError(f"{data_dir} {split} has fewer than block_size + 1 = {block_size + 1} tokens per shard: "
@@ -182,7 +184,7 @@ class _Windows:
         i = np.asarray(k, dtype=np.int64) % self.n if self.sequential else _shuffle(k, self.n, self.seed)
         shard = np.searchsorted(self.cum, i, side="right") - 1
         start = (i - self.cum[shard]) * self.T
-        return [_open_shard(self.files[s], self.vocab_size)[p:p + self.T + 1] for s, p in zip(shard, start)]
+        return [_open_shard(self.files[s], self.sizes[s])[p:p + self.T + 1] for s, p in zip(shard, start)]
 
 
 class PretrainLoader:
@@ -234,6 +236,9 @@ class PretrainLoader:
         if d["sources"] != self.sources or d["block_size"] != self.T:
             raise ValueError(f"data state was saved for {d['sources']} with block_size {d['block_size']}, not "
                              f"{self.sources} with {self.T}: resume with the same data_dir and block_size")
+        if (d["seed"], d["sequential"]) != (self.seed, self.sequential):  # else the order silently changes
+            raise ValueError(f"data state was saved with seed {d['seed']} (sequential={d['sequential']}), not "
+                             f"{self.seed} ({self.sequential}): resume with the seed the run started with")
         self.pos, self.counts = int(d["pos"]), [int(c) for c in d["counts"]]
 
 
@@ -787,6 +792,9 @@ def main(argv=None):
         if a.input or len(a.source) > 1:
             raise ValueError("give --out DIR: where to write the prepared data")
         a.out = f"data/{a.source[0]}"  # where config/pretrain_1b.py and config/sft.py look
+    if not a.sft and any(":" in s for s in a.source or []):
+        raise ValueError("weights on --source are for SFT mixtures; for pretraining prepare each source into its "
+                         "own --out and mix at train time: --data_dir=data/a:0.7,data/b:0.3")
     inputs, field = list(a.input or []), a.text_field
     for name, weight in parse_weighted(a.source or []):
         if name not in PRESETS or (name in SFT_PRESETS) != a.sft:

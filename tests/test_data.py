@@ -186,6 +186,9 @@ def test_errors_leave_no_partial_shard(tok_dir, tmp_path):
     big = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(70000)}, unk_token="w0"))
     with pytest.raises(ValueError, match="65536"):
         data.prepare([str(tmp_path / "blank.txt")], bpe.Tokenizer(big.to_str().encode()), tmp_path / "o4")
+    # weights on pretraining presets would be dropped silently: refused, before any download
+    with pytest.raises(ValueError, match="weights on --source are for SFT"):
+        data.main(["--source", "fineweb-edu:0.7", "--tokenizer", str(tok_dir), "--out", str(tmp_path / "o6")])
     for out in ["o1", "o2", "o3", "o4"]:
         assert not list((tmp_path / out).glob("**/*.bin")), out
     assert not (tmp_path / "o4").exists()
@@ -313,6 +316,8 @@ def test_reader_state_dict_resume_and_mixture(tmp_path):
     assert sum(resumed.state_dict()["counts"]) == resumed.state_dict()["pos"]
     with pytest.raises(ValueError, match="block_size"):
         data.PretrainLoader(spec, "train", 4, 32, seed=7).load_state_dict(state)
+    with pytest.raises(ValueError, match="saved with seed 7"):   # another seed would silently reorder the data
+        data.PretrainLoader(spec, "train", 4, 16, seed=8).load_state_dict(state)
     with pytest.raises(FileNotFoundError, match="no val_"):
         data.PretrainLoader(str(a), "val", 4, 16)
     with pytest.raises(ValueError, match="vocab_size 30000 but the model has 512"):
