@@ -297,7 +297,10 @@ class Tokenizer:
 
     def token_bytes(self):
         """(vocab_size,) int32: UTF-8 bytes each token stands for, 0 for special tokens (for bits per byte).
-        Exact for byte-level tokenizers; for others (e.g. SentencePiece) it decodes each token alone."""
+        Exact for byte-level tokenizers; for others (e.g. SentencePiece) it decodes each token alone. Computed
+        once per Tokenizer (a Python loop over the vocabulary; train.py asks at every eval), read-only."""
+        if getattr(self, "_token_bytes", None) is not None:
+            return self._token_bytes
         out = np.zeros(self.vocab_size, dtype=np.int32)
         byte_level = (json.loads(self.data).get("decoder") or {}).get("type") == "ByteLevel"
         added = self.tok.get_added_tokens_decoder()  # added tokens are stored as plain text
@@ -308,6 +311,8 @@ class Tokenizer:
             # byte-level: one printable stand-in character per byte (decoding a lone piece of a multi-byte
             # character would give U+FFFD); otherwise decode the token on its own
             out[i] = len(token) if byte_level and i not in added else len(self.decode([i]).encode())
+        out.flags.writeable = False
+        self._token_bytes = out
         return out
 
     def save(self, out_dir):

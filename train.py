@@ -426,13 +426,14 @@ def train(cfg):
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                                   fused=device.type == "cuda")
-    start_step, bad_steps = 0, 0
+    start_step, bad_steps, evaluated = 0, 0, None   # evaluated: the step of the last eval (skip it on resume)
     if cfg.init_from == "resume":
         saved = common.load_trainer_state(ckpt)
         set_optimizer_state_dict(raw_model, optimizer, saved["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
         state = saved["state"]
         start_step, bad_steps = state["step"], state["bad_steps"]
+        evaluated = state.get("evaluated_step")
         loader.load_state_dict(state["data"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
@@ -479,8 +480,10 @@ def train(cfg):
         batches, batches_state = fetch(loader, grad_accum, device) if step < cfg.max_iters else (None, None)
         while True:
             last = step >= cfg.max_iters
-            if cfg.eval_interval and cfg.eval_iters and (step % cfg.eval_interval == 0 or last) and not stopping:
+            if (cfg.eval_interval and cfg.eval_iters and (step % cfg.eval_interval == 0 or last) and not stopping
+                    and step != evaluated):   # a checkpoint written right after an eval resumes past it
                 row = {"step": step, **evaluate(raw_model, cfg, tokenizer, autocast, rank, world, device, grad_accum)}
+                evaluated = step
                 log(row, f"eval step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in row.items()
                                                             if isinstance(v, float))
                     + "".join(f"\n  prompt: {s['prompt'][-200:]!r}\n  answer: {s['answer']!r}"
@@ -494,7 +497,7 @@ def train(cfg):
                 opt_state = get_optimizer_state_dict(raw_model, optimizer, options=full)
                 if master:
                     state = {"step": step, "data": done_state, "rng": rng_state(), "scaler": scaler.state_dict(),
-                             "bad_steps": bad_steps}
+                             "bad_steps": bad_steps, "evaluated_step": evaluated}
                     path = common.save_checkpoint(cfg.out_dir, step, raw_model, opt_state, common.config_dict(cfg),
                                                   state, tokenizer_dir=mixture_dirs(cfg.data_dir)[0],
                                                   keep_last=cfg.keep_last, stage=cfg.task, model_state=model_state)

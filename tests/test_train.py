@@ -20,27 +20,19 @@ from safetensors.torch import load_file
 
 import bpe
 import common
+from conftest import WORDS, word_corpus_shards
 import data
 import llm
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-WORDS = ("the a cat dog sat ran on under big small red blue house tree river stone old new and with "
-         "sky over quick slow green bird sang morning night").split()
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """A small corpus of made-up sentences -> tokenizer (vocab 300) -> train/val shards."""
-    root = tmp_path_factory.mktemp("train_data")
-    rng = random.Random(0)
-    with open(root / "raw.jsonl", "w") as f:
-        for _ in range(400):
-            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 80)))}) + "\n")
-    bpe.train([str(root / "raw.jsonl")], 300, root / "tok")
-    data.prepare([str(root / "raw.jsonl")], root / "tok", root / "d", val_fraction=0.1, workers=1)
-    return root / "d"
+    return word_corpus_shards(tmp_path_factory.mktemp("train_data"), 400, 80)
 
 
 def args(data_dir, out_dir, *extra):
@@ -118,6 +110,17 @@ def test_fsdp_with_activation_checkpointing_resumes_to_the_same_run(data_dir, tm
     shutil.rmtree(tmp_path / "ckpt_0000010")
     assert "resuming at step 5" in finish(spawn(argv + ["--init_from=resume"], nproc=2))
     assert_same_run(tmp_path, single_run, range(1, 11))
+
+
+def test_resume_does_not_repeat_the_eval_it_saved_after(data_dir, tmp_path):
+    """The checkpoint at step 4 is written right after step 4's eval: resuming from it evaluates 6 and 8, not 4
+    again (a second full eval and a duplicate log row per resume)."""
+    argv = args(data_dir, tmp_path, "--max_iters=8", "--ckpt_interval=4", "--eval_interval=2")
+    run_in_process(argv)
+    shutil.rmtree(tmp_path / "ckpt_0000008")
+    run_in_process(argv + ["--init_from=resume"])
+    evals = [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl") if "val_loss" in line]
+    assert evals == [0, 2, 4, 6, 8, 6, 8]
 
 
 @pytest.fixture(scope="module")
