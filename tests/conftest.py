@@ -1,5 +1,7 @@
 """Shared test set-up: the repo root on sys.path, the real data beside the checkout, quiet CPU threads."""
+import json
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -8,6 +10,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import bpe  # noqa: E402  (after the sys.path line: the repo root holds the modules)
+import data  # noqa: E402
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 # Two cores on CI: more threads than cores only adds contention.
@@ -27,3 +31,19 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         skip_or_fail_on_ci("../shared/data is not present beside the checkout")
     return SHARED_DATA
+
+
+WORDS = ("the a cat dog sat ran on under big small red blue house tree river stone old new and with "
+         "sky over quick slow green bird sang morning night").split()
+
+
+def word_corpus_shards(root, n_docs, max_words, words=WORDS, rng=None):
+    """Made-up sentences of 20..max_words words -> root/raw.jsonl -> a 300-token BPE (root/tok) -> pretraining
+    shards (root/shards, 10% validation). Returns the shards dir; rng (default Random(0)) is drawn from."""
+    rng = rng or random.Random(0)
+    with open(root / "raw.jsonl", "w") as f:
+        for _ in range(n_docs):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, max_words)))}) + "\n")
+    bpe.train([str(root / "raw.jsonl")], 300, root / "tok")
+    data.prepare([str(root / "raw.jsonl")], root / "tok", root / "shards", val_fraction=0.1, workers=1)
+    return root / "shards"

@@ -14,13 +14,13 @@ import torch.nn.functional as F
 
 import bpe
 import common
+import conftest
 import data
 import llm
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("the a cat dog sat ran on under big small red blue house tree river stone old new and with "
-         "sky over quick slow green bird sang morning night repeat").split()
+WORDS = conftest.WORDS + ["repeat"]
 # A 15-word "MMLU test question"; one chat record quotes it and must be removed by decontamination.
 MMLU_Q = "which of the following rivers flows past the old stone house under the blue morning sky"
 
@@ -30,11 +30,7 @@ def dirs(tmp_path_factory):
     """tokenizer + pretraining shards + an SFT dir of 'repeat <words>' -> '<words>' chats."""
     root = tmp_path_factory.mktemp("sft")
     rng = random.Random(0)
-    with open(root / "raw.jsonl", "w") as f:
-        for _ in range(300):
-            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60)))}) + "\n")
-    bpe.train([str(root / "raw.jsonl")], 300, root / "tok")
-    data.prepare([str(root / "raw.jsonl")], root / "tok", root / "pre", val_fraction=0.1, workers=1)
+    conftest.word_corpus_shards(root, 300, 60, WORDS, rng)   # root/tok, root/shards
     with open(root / "chat.jsonl", "w") as f:
         for i in range(400):
             words = " ".join(rng.choice(WORDS[:-1]) for _ in range(rng.randint(1, 4)))
@@ -161,7 +157,7 @@ def test_sft_teaches_the_format(dirs, tmp_path):
     os.chdir(ROOT)
     torch.set_num_threads(1)
     try:
-        train.main(["config/tiny.py", f"--data_dir={dirs / 'pre'}", f"--out_dir={tmp_path / 'base'}",
+        train.main(["config/tiny.py", f"--data_dir={dirs / 'shards'}", f"--out_dir={tmp_path / 'base'}",
                     "--max_iters=30", "--eval_interval=0"])
         train.main(["config/tiny.py", "--task=sft", f"--init_from={tmp_path / 'base'}", f"--data_dir={dirs / 'chat'}",
                     f"--out_dir={tmp_path / 'sft'}", "--max_iters=80", "--eval_interval=80", "--eval_iters=1",
@@ -192,7 +188,7 @@ def test_sft_refuses_data_of_another_tokenizer(dirs, tmp_path):
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        train.main(["config/tiny.py", f"--data_dir={dirs / 'pre'}", f"--out_dir={base}", "--max_iters=1",
+        train.main(["config/tiny.py", f"--data_dir={dirs / 'shards'}", f"--out_dir={base}", "--max_iters=1",
                     "--eval_interval=0"])
         with pytest.raises(ValueError, match="another tokenizer"):
             train.main(["config/tiny.py", "--task=sft", f"--init_from={base}", f"--data_dir={tmp_path / 'chat2'}",
