@@ -321,7 +321,7 @@ def load_model(path=None, device="cpu"):
         weights, weights_file = _read_hf_weights(path, device)
         meta = {"format": "hf", "step": None, "stage": "hf", "model_config": dataclasses.asdict(cfg),
                 "run_config": {}, "tokenizer_hash": None, "hf_config": hf}
-    with torch.device(device):  # initialise straight on the GPU: much faster than CPU for 1B parameters
+    with torch.device("meta"):  # shapes only: random init would cost seconds for 1B parameters, then be overwritten
         model = llm.LLM(cfg)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if cfg.tie_embeddings and "embed_tokens.weight" in weights and "lm_head.weight" in want:
@@ -335,7 +335,11 @@ def load_model(path=None, device="cpu"):
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise ValueError(f"{weights_file} does not match its model config: {'; '.join(problems[:3])}{more}; "
                          "the checkpoint is damaged or its config.json/meta.json belongs to another model")
-    model.load_state_dict(weights)
+    # assign: the model takes the loaded tensors (already on `device`) instead of copying into a second set. As
+    # float32, like a model built normally (an HF folder may hold bf16). assign unties tied weights: tie again.
+    model.load_state_dict({k: v.float() for k, v in weights.items()}, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
     model.eval()
     tokenizer = None
     if (path / "tokenizer.json").is_file():

@@ -278,7 +278,7 @@ class LLM(nn.Module):
     def init_weights(self):
         """Every matrix ~ N(0, 0.02) (GPT-2); the two projections that write into the residual stream (o_proj,
         down_proj) get std 0.02/sqrt(2*n_layer) so the stream's variance does not grow with depth (GPT-2 paper,
-        sec. 2.3). Norm weights start at 1. Call again after `to_empty()` when the model was built on "meta"."""
+        sec. 2.3). Norm weights start at 1."""
         std = 0.02
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
