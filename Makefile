@@ -9,11 +9,11 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-# Installing torch==2.13.0 first keeps any other package from pulling a different torch build.
+# Installing torch first (its pin from requirements.txt) keeps any other package from pulling a different torch build.
 $(STAMP): requirements.txt requirements-test.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q "$$(grep '^torch==' requirements.txt)"
 	$(BIN)/python -m pip install -q -r requirements-test.txt
 	touch $(STAMP)
 

@@ -104,7 +104,7 @@ def main():
     print(f"2. memory flatness: kiln on {small.stat().st_size / 1e6:.0f} MB vs {big.stat().st_size / 1e6:.0f} MB")
     small_rss = run("kiln", small, args.vocab, work / "kiln_small")["peak_rss_mb"]
     big_rss = statistics.median(a["peak_rss_mb"] for a, _ in pairs)
-    print(f"   peak RSS {small_rss:.0f} MB -> {big_rss:.0f} MB (x{big_rss / small_rss:.2f} for x4 the text)")
+    print(f"   peak RSS {small_rss:.0f} MB -> {big_rss:.0f} MB (x{big_rss / small_rss:.2f} for x{big.stat().st_size / small.stat().st_size:.1f} the text)")
 
     import tokenizers
     import bpe

@@ -62,7 +62,7 @@ def main():
         hf_dir = export_hf.export(ckpt, Path(tmp) / "hf")
         hf = LlamaForCausalLM.from_pretrained(hf_dir).eval()
         hf_compiled = LlamaForCausalLM.from_pretrained(hf_dir).eval() if args.hf_compile else None
-    prompt = torch.randint(len(llm.PRESETS) + 100, model.config.vocab_size, (1, args.prompt_len))  # (1, T)
+    prompt = torch.randint(200, model.config.vocab_size, (1, args.prompt_len))  # (1, T): past any special token
     n = args.new_tokens
 
     def kiln(m):

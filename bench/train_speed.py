@@ -23,8 +23,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import bpe  # after the sys.path line above: the repo root holds the modules
+import common
 import data
 import llm
+import train
 
 
 def make_data(out, tokens=2_000_000):
@@ -72,9 +74,9 @@ def main():
     p.add_argument("--timeout", type=float, default=1200, help="seconds per run")
     a, extra = p.parse_known_args()
     extra = [e for e in extra if e != "--"]
-    namespace = {}
-    exec((ROOT / a.config).read_text(), namespace)   # the config's model, to size the vocabulary like the real run
-    vocab = namespace.get("vocab_size") or llm.model_config(namespace.get("model", "demo")).vocab_size
+    # The config and its overrides, read as train.py reads them, to size the vocabulary like the real run.
+    cfg = common.parse_config(train.TrainConfig(), [str(ROOT / a.config), *extra])
+    vocab = cfg.vocab_size or llm.model_config(cfg.model).vocab_size
     data_dir = ROOT / "bench" / "out" / "train_speed_data"
     make_data(data_dir)
     results = {False: [], True: []}
