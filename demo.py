@@ -275,7 +275,7 @@ def run_summary(run_dir):
     cfg = json.loads((Path(run_dir) / "config.json").read_text())
     meta = json.loads((common.find_checkpoint(run_dir) / "meta.json").read_text())
     with torch.device("meta"):  # shapes only, no memory
-        n = llm.LLM(llm.ModelConfig(**meta["model_config"])).num_params()
+        n = llm.LLM(llm.model_config(meta["model_config"])).num_params()
     return cfg, meta["model_config"], n, meta["step"]
 
 

@@ -1,16 +1,16 @@
 """The Gradio chat in a real headless Chromium: load the page, send a message, watch the reply stream in.
 
-Needs Debian's chromium at /usr/bin/chromium (CI installs it); skips without it. Saves a screenshot to
-tests/artifacts/chat.png.
+Needs Debian's chromium at /usr/bin/chromium (.ci/run installs it); skips without it, and fails on CI. Saves a
+screenshot to tests/artifacts/chat.png.
 """
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 import common
 import sample
+from conftest import skip_or_fail_on_ci
 from test_sample import free_port, make_tiny_checkpoint
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -19,9 +19,10 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="headless test needs /usr/bin/chromium (apt-get install chromium)")
 def test_chat_streams_in_browser(tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.exists():
+        skip_or_fail_on_ci("headless test needs /usr/bin/chromium (apt-get install chromium)")
+    import playwright.sync_api as playwright   # a pinned test dependency: never skipped
     model, tokenizer, _ = common.load_model(make_tiny_checkpoint(tmp_path, train_steps=30))
     real_generate = model.generate
 
