@@ -81,15 +81,11 @@ def model_config(name_or_cfg, **overrides) -> ModelConfig:
     else:
         raise ValueError(f"unknown model preset {name_or_cfg!r}; choose one of {', '.join(PRESETS)}.")
     base.update(overrides)
-    head_dim = base.pop("head_dim", None)   # derived, but present when a config was saved with vars()
     known = {f.name for f in fields(ModelConfig)}
     unknown = sorted(set(base) - known)
     if unknown:
         raise ValueError(f"unknown model config key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}.")
-    cfg = ModelConfig(**base)
-    if head_dim is not None and head_dim != cfg.head_dim:
-        raise ValueError(f"model config head_dim={head_dim} must equal d_model // n_head = {cfg.head_dim}.")
-    return cfg
+    return ModelConfig(**base)
 
 
 # ----------------------------------------------------------------------------------------------------------------

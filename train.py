@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -243,8 +243,7 @@ def build_model(cfg, tokenizer, device):
         if cfg.task == "pretrain":  # SFT runs take their shape from the checkpoint they started from
             saved = json.loads((ckpt / "meta.json").read_text())["model_config"]
             diff = [f"{k}={saved.get(k)!r} (config: {v!r})"
-                    for k, v in vars(model_config_from(cfg, tokenizer.vocab_size)).items()
-                    if k != "head_dim" and saved.get(k) != v]
+                    for k, v in asdict(model_config_from(cfg, tokenizer.vocab_size)).items() if saved.get(k) != v]
             if diff:
                 raise ValueError(f"checkpoint {ckpt} holds another model shape: {', '.join(diff)}; resume with "
                                  "the same model settings or use a new out_dir")

@@ -313,7 +313,6 @@ def test_model_config_round_trips_and_rejects_unknowns():
     c = model_config("1b", max_seq_len=4096)
     again = model_config({f: getattr(c, f) for f in c.__dataclass_fields__})
     assert again == c and again.head_dim == 128
-    assert model_config(dict(vars(c))) == c                 # vars() also carries the derived head_dim
     with pytest.raises(ValueError, match="unknown model preset"):
         model_config("2b")
     with pytest.raises(ValueError, match="n_layers"):
