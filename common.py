@@ -9,7 +9,6 @@ bpe.json. Written into a temporary folder and renamed, so a crash never leaves h
 import ast
 import dataclasses
 import difflib
-import hashlib
 import json
 import os
 import shutil
@@ -187,13 +186,14 @@ def list_checkpoints(run_dir):
     return sorted(found, key=_ckpt_step)
 
 
-def save_checkpoint(out_dir, step, model, optimizer, run_config, state, tokenizer_dir, keep_last=3,
+def save_checkpoint(out_dir, step, model, optimizer, run_config, state, tokenizer, keep_last=3,
                     stage="pretrain", model_state=None):
     """Write out_dir/ckpt_{step:07d}/ atomically and keep only the newest keep_last checkpoints.
 
     model is the unwrapped LLM (never DDP/compiled). Under FSDP pass its gathered full state dict as model_state
     and the optimizer's full state dict as optimizer. state holds what resume needs (rng states, data
-    position): tensors, numbers, strings, lists and dicts only, so it loads with weights_only=True.
+    position): tensors, numbers, strings, lists and dicts only, so it loads with weights_only=True. tokenizer (a
+    bpe.Tokenizer, or None) is saved beside the weights and its hash recorded in meta.json.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -212,17 +212,11 @@ def save_checkpoint(out_dir, step, model, optimizer, run_config, state, tokenize
         opt_state = optimizer.state_dict() if hasattr(optimizer, "state_dict") else optimizer
         torch.save(opt_state, tmp / "optimizer.pt")
         torch.save(state, tmp / "state.pt")
-        tok_hash = None
-        if tokenizer_dir is not None:
-            tok_json = Path(tokenizer_dir) / "tokenizer.json"
-            if not tok_json.is_file():
-                raise FileNotFoundError(f"{tok_json} does not exist; pass the data dir that holds the tokenizer")
-            tok_hash = hashlib.sha256(tok_json.read_bytes()).hexdigest()  # the same hash as bpe.Tokenizer.hash
-            for name in ("tokenizer.json", "bpe.json"):
-                if (Path(tokenizer_dir) / name).is_file():
-                    shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
         meta = {"format": "kiln", "version": FORMAT_VERSION, "step": step, "stage": stage,
-                "model_config": dataclasses.asdict(cfg), "run_config": run_config, "tokenizer_hash": tok_hash,
+                "model_config": dataclasses.asdict(cfg), "run_config": run_config,
+                "tokenizer_hash": tokenizer.hash if tokenizer is not None else None,
                 "time": time.time(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_json(tmp / "meta.json", meta)
         replace_dir(tmp, final)

@@ -498,8 +498,8 @@ def train(cfg):
                     state = {"step": step, "data": done_state, "rng": rng_state(), "scaler": scaler.state_dict(),
                              "bad_steps": bad_steps, "evaluated_step": evaluated}
                     path = common.save_checkpoint(cfg.out_dir, step, raw_model, opt_state, common.config_dict(cfg),
-                                                  state, tokenizer_dir=mixture_dirs(cfg.data_dir)[0],
-                                                  keep_last=cfg.keep_last, stage=cfg.task, model_state=model_state)
+                                                  state, tokenizer, keep_last=cfg.keep_last, stage=cfg.task,
+                                                  model_state=model_state)
                     print(f"saved {path}")
                 if dist.is_initialized():
                     dist.barrier()

@@ -228,7 +228,7 @@ def test_checkpoint_carries_its_tokenizer(tmp_path):
     tok = bpe.train([str(tmp_path / "a.txt")], 270, tmp_path / "tok_a")
     other = bpe.train([str(tmp_path / "b.txt")], 270, tmp_path / "tok_b")
     model = tiny_model()
-    ckpt = common.save_checkpoint(tmp_path / "run", 1, model, trained(model), {}, {}, tmp_path / "tok_a")
+    ckpt = common.save_checkpoint(tmp_path / "run", 1, model, trained(model), {}, {}, tok)
     _, loaded, meta = common.load_model(ckpt)
     assert loaded.hash == tok.hash == meta["tokenizer_hash"]
     assert loaded.encode("the cat") == tok.encode("the cat")

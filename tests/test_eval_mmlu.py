@@ -57,8 +57,7 @@ def setup(tmp_path_factory):
     model = llm.LLM(llm.model_config("tiny", vocab_size=tok.vocab_size, max_seq_len=1024))
     with torch.no_grad():
         model.lm_head.weight.mul_(30)  # peaked, not near-uniform, predictions: a wrong position would show
-    ckpt = common.save_checkpoint(tmp / "run", 1, model, torch.optim.SGD(model.parameters(), lr=0.1), {}, {},
-                                  tmp / "tok")
+    ckpt = common.save_checkpoint(tmp / "run", 1, model, torch.optim.SGD(model.parameters(), lr=0.1), {}, {}, tok)
     model, tok, _ = common.load_model(ckpt)
     tests = {s: as_items(rows) for s, rows in TEST.items()}
     devs = {s: as_items(DEV) for s in TEST}
@@ -185,7 +184,7 @@ def always_c_checkpoint(setup):
         always.embed_tokens.weight[:, 0] = 1.0
         always.lm_head.weight.zero_()
         always.lm_head.weight[tok.encode(" C")[0], 0] = 1.0
-    return common.save_checkpoint(setup["tmp"] / "always_c", 1, always, {}, {}, {}, setup["tmp"] / "tok")
+    return common.save_checkpoint(setup["tmp"] / "always_c", 1, always, {}, {}, {}, bpe.Tokenizer.load(setup["tmp"] / "tok"))
 
 
 def test_always_c_model_scores_the_fraction_of_c_answers(setup, capsys):

@@ -21,9 +21,9 @@ def random_model(**overrides):
     return model.eval()
 
 
-def kiln_checkpoint(tmp_path, model, tokenizer_dir=None):
+def kiln_checkpoint(tmp_path, model, tokenizer=None):
     opt = torch.optim.AdamW(model.parameters())
-    return common.save_checkpoint(tmp_path / "run", 7, model, opt, {}, {}, tokenizer_dir)
+    return common.save_checkpoint(tmp_path / "run", 7, model, opt, {}, {}, tokenizer)
 
 
 def hf_logits(hf_dir, idx):
@@ -106,7 +106,7 @@ def test_export_with_tokenizer(tmp_path):
     tok = bpe.train([str(text)], 300, tmp_path / "tok")
     model = random_model(vocab_size=384)
     assert tok.vocab_size <= model.config.vocab_size
-    kiln_checkpoint(tmp_path, model, tokenizer_dir=tmp_path / "tok")
+    kiln_checkpoint(tmp_path, model, tok)
     out = export_hf.export(tmp_path / "run", tmp_path / "hf")
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     sample = "Hello, quick fox! The lazy kiln."

@@ -34,7 +34,7 @@ def make_tiny_checkpoint(root, max_seq_len=128, train_steps=0):
         model(x, y)[1].backward()
         optimizer.step()
         optimizer.zero_grad()
-    return common.save_checkpoint(root / "run", 1, model, optimizer, {"model": "custom"}, {}, tok_dir, stage="sft")
+    return common.save_checkpoint(root / "run", 1, model, optimizer, {"model": "custom"}, {}, tokenizer, stage="sft")
 
 
 @pytest.fixture(scope="module")
