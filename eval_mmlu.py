@@ -105,10 +105,10 @@ def make_rows(q, ctx, conts):
 
 
 @torch.no_grad()
-def score_rows(model, rows, batch_size, device):
+def score_rows(model, rows, batch_size):
     """{(question, choice): summed log-prob of its continuation}. Rows sorted by length and padded on the right
     (causal attention: padding never changes an earlier position), one forward pass per batch."""
-    lls = {}
+    lls, device = {}, next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # longest first: out of memory shows at once
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     for b in tqdm(range(0, len(order), batch_size), desc="mmlu", unit="batch", mininterval=2):
@@ -129,7 +129,7 @@ def score_rows(model, rows, batch_size, device):
     return lls
 
 
-def evaluate(model, tok, tests, devs, shots=0, method="letter", chat=False, batch_size=16, device="cpu"):
+def evaluate(model, tok, tests, devs, shots=0, method="letter", chat=False, batch_size=16):
     """Score every test question -> dict(questions=[per-question records], dropped_shots, truncated)."""
     questions, rows, dropped, truncated = [], [], 0, 0
     for subject, items in tests.items():
@@ -144,7 +144,7 @@ def evaluate(model, tok, tests, devs, shots=0, method="letter", chat=False, batc
             questions.append({"subject": subject, "index": i, "gold": item["answer"]})
             if method == "cloze":
                 questions[-1]["bytes"] = [len((" " + c).encode()) for c in item["choices"]]
-    lls = score_rows(model, rows, batch_size, torch.device(device))
+    lls = score_rows(model, rows, batch_size)
     argmax = lambda xs: LETTERS[max(range(4), key=xs.__getitem__)]  # first of ties, like numpy's argmax
     for q, rec in enumerate(questions):
         rec["loglik"] = [lls[q, c] for c in range(4)]
@@ -217,7 +217,8 @@ def main(argv=None):
     model, tok, meta = common.load_model(ckpt, device=args.device)
     if tok is None:
         raise ValueError(f"{ckpt} has no tokenizer.json; copy the tokenizer the model was trained with into it")
-    res = evaluate(model, tok, tests, devs, args.shots, args.method, args.chat, args.batch_size, args.device)
+    res = evaluate(model, tok, tests, devs, shots=args.shots, method=args.method, chat=args.chat,
+                   batch_size=args.batch_size)
     preds = {"acc": "pred", "acc_per_byte": "pred_per_byte"} if args.method == "cloze" else {"acc": "pred"}
     metrics = {m: summarize(res["questions"], key) for m, key in preds.items()}
     print(f"MMLU {args.method}{' chat' if args.chat else ''}, {args.shots}-shot, {ckpt} (step {meta.get('step')}), "
