@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import bpe  # noqa: E402  (after the sys.path line: the repo root holds the modules)
 import data  # noqa: E402
+import llm  # noqa: E402
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 # Two cores on CI: more threads than cores only adds contention.
@@ -47,3 +48,16 @@ def word_corpus_shards(root, n_docs, max_words, words=WORDS, rng=None):
     bpe.train([str(root / "raw.jsonl")], 300, root / "tok")
     data.prepare([str(root / "raw.jsonl")], root / "tok", root / "shards", val_fraction=0.1, workers=1)
     return root / "shards"
+
+
+def random_tiny_model(seed=0, **overrides):
+    """The tiny preset (plus overrides) in eval mode with random weights of unit-ish scale, norm weights too, so
+    every path changes the logits noticeably (init's ones and N(0, 0.02) would hide a swapped norm or rope)."""
+    torch.manual_seed(seed)
+    model = llm.LLM(llm.model_config("tiny", **overrides))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.2 * noise if name.endswith("norm.weight") else 0.1 * noise)
+    return model.eval()

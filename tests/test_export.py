@@ -6,19 +6,10 @@ import torch
 import transformers  # the outside reference: a pinned test dependency, so never skipped
 
 import common
+from conftest import random_tiny_model
 import export_hf
-import llm
 
 
-def random_model(**overrides):
-    """A kiln model with every weight random, norms included (their init of ones would hide a swapped norm)."""
-    torch.manual_seed(0)
-    model = llm.LLM(llm.model_config("tiny", **overrides))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return model.eval()
 
 
 def kiln_checkpoint(tmp_path, model, tokenizer=None):
@@ -42,7 +33,7 @@ def kiln_logits(model, idx):
                                        {"tie_embeddings": True, "rope_theta": 500000.0}],
                          ids=["tiny", "gqa", "mqa", "tied"])
 def test_export_matches_transformers_and_round_trips(tmp_path, overrides):
-    model = random_model(**overrides)
+    model = random_tiny_model(**overrides)
     kiln_checkpoint(tmp_path, model)
     out = export_hf.export(tmp_path / "run", tmp_path / "hf")  # a run folder -> its newest checkpoint
     assert not (tmp_path / "hf.tmp").exists()
@@ -76,7 +67,7 @@ def test_load_hf_saved_by_transformers(tmp_path):
 
 
 def test_unsupported_or_damaged_hf_folder(tmp_path):
-    model = random_model()
+    model = random_tiny_model()
     kiln_checkpoint(tmp_path, model)
     out = export_hf.export(tmp_path / "run", tmp_path / "hf")
     config = json.loads((out / "config.json").read_text())
@@ -89,7 +80,7 @@ def test_unsupported_or_damaged_hf_folder(tmp_path):
 
 
 def test_export_refuses_to_overwrite_a_non_export(tmp_path):
-    kiln_checkpoint(tmp_path, random_model())
+    kiln_checkpoint(tmp_path, random_tiny_model())
     (tmp_path / "run" / "config.json").write_text("{}")  # what train.py writes into a run folder
     with pytest.raises(ValueError, match="exists and is not an earlier export"):
         export_hf.export(tmp_path / "run", tmp_path / "run")
@@ -104,7 +95,7 @@ def test_export_with_tokenizer(tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 50 + "Hello world, hello kiln! " * 50)
     tok = bpe.train([str(text)], 300, tmp_path / "tok")
-    model = random_model(vocab_size=384)
+    model = random_tiny_model(vocab_size=384)
     assert tok.vocab_size <= model.config.vocab_size
     kiln_checkpoint(tmp_path, model, tok)
     out = export_hf.export(tmp_path / "run", tmp_path / "hf")

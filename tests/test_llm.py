@@ -6,23 +6,11 @@ import pytest
 import torch
 import transformers  # the outside reference: a pinned test dependency, so never skipped
 
-from conftest import skip_or_fail_on_ci
+from conftest import random_tiny_model, skip_or_fail_on_ci
 from llm import LLM, PRESETS, KVCache, ModelConfig, doc_positions_and_mask, model_config
 
 
-def randomize(model, seed=0):
-    """Random weights of unit-ish scale (norm weights too), so every path changes the logits noticeably."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.2 * noise if name.endswith("norm.weight") else 0.1 * noise)
-    return model
-
-
-def tiny_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return randomize(LLM(model_config("tiny", **overrides)), seed).eval()
+tiny_model = random_tiny_model
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -80,12 +68,14 @@ def test_kv_cache_greedy_equals_no_cache_greedy():
 
 
 def test_generation_sees_weights_changed_between_calls():
-    # generate stacks q/k/v and gate/up weights once per call: an optimizer step between two calls (as in
+    # generate stacks q/k/v and gate/up weights once per call (llm.decode_weight): an optimizer step between two calls (as in
     # training-time sampling) must reach the next call. Reference: argmax over full forwards, one token at a time.
     model = tiny_model(n_kv_head=2)
     idx = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
     before = torch.stack(list(model.generate(idx, 20, temperature=0)), dim=1)
-    randomize(model, seed=3)                                  # in-place copy_, like an optimizer step
+    with torch.no_grad():                                     # in-place copy_, like an optimizer step
+        for p, q in zip(model.parameters(), random_tiny_model(3, n_kv_head=2).parameters()):
+            p.copy_(q)
     after = torch.stack(list(model.generate(idx, 20, temperature=0)), dim=1)
     seq = idx
     for _ in range(20):
