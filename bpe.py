@@ -16,6 +16,7 @@ import io
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -351,11 +352,18 @@ def main(argv=None):
           f"sha256 {tok.hash[:12]}")
 
 
-if __name__ == "__main__":
-    try:  # the same one-line errors as common.cli (bpe.py sits below common.py, so it cannot import it)
+def cli(main):
+    """Run main(); bad input (ValueError, FileNotFoundError) becomes one line on stderr and exit status 2
+    (KILN_DEBUG=1 prints the traceback too). Every script's entry point (common.cli is this one); it lives on
+    the bottom floor so that bpe.py and data.py, which cannot import common.py, use it too."""
+    try:
         main()
     except (ValueError, FileNotFoundError) as e:
         if os.environ.get("KILN_DEBUG") == "1":
-            raise
-        print(f"error: {e}", file=sys.stderr)
+            traceback.print_exc()
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -12,11 +12,9 @@ import difflib
 import json
 import os
 import shutil
-import sys
 import time
 import types
 import typing
-import traceback
 from pathlib import Path
 
 import torch
@@ -38,15 +36,7 @@ def pick_device(name="auto"):
     return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 
-def cli(main):
-    """Run main(); bad input (ValueError, FileNotFoundError) becomes one line on stderr and exit status 2."""
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        if os.environ.get("KILN_DEBUG") == "1":
-            traceback.print_exc()
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        sys.exit(2)
+cli = bpe.cli   # the scripts' entry point: one line per bad input, exit status 2 (defined in bpe.py, see there)
 
 
 # ----------------------------------------------------------------------------------------------------------

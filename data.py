@@ -27,7 +27,6 @@ import json
 import os
 import re
 import socket
-import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -816,10 +815,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:  # the same one-line errors as common.cli (data.py sits below common.py, so it cannot import it)
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        if os.environ.get("KILN_DEBUG") == "1":
-            raise
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        sys.exit(2)
+    bpe.cli(main)
