@@ -171,9 +171,13 @@ def sha256_file(path):
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _write(path, data: bytes):
+def write_atomic(path, *chunks):
+    """Write bytes to a temporary name, then rename: no reader ever sees a half-written file. The project's one
+    such writer (data.py's shards, common.py's JSON, demo.py's files), here on the bottom floor."""
     tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
+    with open(tmp, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
     os.replace(tmp, path)
 
 
@@ -319,15 +323,15 @@ class Tokenizer:
     def save(self, out_dir):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _write(out / "tokenizer.json", self.data)
+        write_atomic(out / "tokenizer.json", self.data)
         meta = {**self.meta, "vocab_size": self.vocab_size, "tokenizer_sha256": self.hash}
-        _write(out / "bpe.json", (json.dumps(meta, indent=1) + "\n").encode())
+        write_atomic(out / "bpe.json", (json.dumps(meta, indent=1) + "\n").encode())
 
     def save_hf(self, out_dir, model_max_length=None):
         """Write a Hugging Face tokenizer folder: AutoTokenizer.from_pretrained(out_dir) then works."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _write(out / "tokenizer.json", self.data)
+        write_atomic(out / "tokenizer.json", self.data)
         names = {k: self.tok.id_to_token(i) for k, i in (("bos_token", self.bos_id), ("eos_token", self.eot_id))
                  if i is not None}
         cfg = {"tokenizer_class": "PreTrainedTokenizerFast", **names, "clean_up_tokenization_spaces": False}
@@ -335,8 +339,8 @@ class Tokenizer:
             cfg["chat_template"] = CHAT_TEMPLATE
         if model_max_length:
             cfg["model_max_length"] = model_max_length
-        _write(out / "tokenizer_config.json", (json.dumps(cfg, indent=1) + "\n").encode())
-        _write(out / "special_tokens_map.json", (json.dumps(names, indent=1) + "\n").encode())
+        write_atomic(out / "tokenizer_config.json", (json.dumps(cfg, indent=1) + "\n").encode())
+        write_atomic(out / "special_tokens_map.json", (json.dumps(names, indent=1) + "\n").encode())
 
 
 def main(argv=None):

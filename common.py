@@ -145,10 +145,7 @@ def print_config(cfg):
 
 def write_json(path, obj):
     """Write JSON to a temporary name, then rename, so a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    bpe.write_atomic(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
 def replace_dir(tmp, final):

@@ -45,15 +45,6 @@ MIN_CHARS = 10  # documents shorter than this after cleaning are "near-empty" an
 ROOT = Path(__file__).resolve().parent
 
 
-def _write(path, *chunks):
-    """Write bytes to a temporary name, then rename: no reader ever sees a half-written file."""
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-    os.replace(tmp, path)
-
-
 def parse_weighted(spec):
     """'a:0.7,b:0.3' or ['a:2', 'b'] -> [(name, weight)]; a suffix counts as a weight only if it is a number."""
     out = []
@@ -77,7 +68,7 @@ def write_shard(path, tokens, vocab_size, tok_hash):
     header[:3] = MAGIC, VERSION, vocab_size
     header[3:5] = np.array([len(tokens)], dtype="<i8").view("<i4")
     header[5:7] = np.frombuffer(bytes.fromhex(tok_hash[:16].ljust(16, "0")), dtype="<i4")
-    _write(path, header.tobytes(), tokens.astype("<u2", copy=False).tobytes())
+    bpe.write_atomic(path, header.tobytes(), tokens.astype("<u2", copy=False).tobytes())
 
 
 def shard_header(path):
@@ -473,7 +464,7 @@ def prepare(inputs, tokenizer, out_dir, text_field="text", val_fraction=0.0005, 
     def finish(i, counts, size):
         nonlocal tokens_done
         state["done"][str(i)] = counts
-        _write(state_file, json.dumps(state, sort_keys=True).encode())
+        bpe.write_atomic(state_file, json.dumps(state, sort_keys=True).encode())
         tokens_done += counts["train"] + counts["val"]
         bar.update(size)
         bar.set_postfix(tokens_per_s=f"{tokens_done / (time.time() - t0):,.0f}")
@@ -500,7 +491,7 @@ def prepare(inputs, tokenizer, out_dir, text_field="text", val_fraction=0.0005, 
             "bos_id": tok.bos_id, "sources": sources, "settings": settings, "docs": stats,
             "train_tokens": n["train"], "val_tokens": n["val"],
             "train_shards": len(list(out.glob("train_*.bin"))), "val_shards": len(list(out.glob("val_*.bin")))}
-    _write(out / "meta.json", (json.dumps(meta, indent=1) + "\n").encode())
+    bpe.write_atomic(out / "meta.json", (json.dumps(meta, indent=1) + "\n").encode())
     print(f"{out}: {n['train']:,} train + {n['val']:,} val tokens from {stats['docs_kept']:,} documents "
           f"({stats['text_bytes'] / 2**20:,.1f} MB); dropped {stats['dropped_empty']} near-empty and "
           f"{stats['dropped_duplicate']} duplicates; {stats['gutenberg_stripped']} Gutenberg headers stripped; "
@@ -564,7 +555,7 @@ def save_mmlu(out_dir):
             buf = io.StringIO()
             csv.writer(buf, lineterminator="\n").writerows([it["question"], *it["choices"], it["answer"]]
                                                            for it in items)
-            _write(Path(out_dir) / split / f"{subject}_{split}.csv", buf.getvalue().encode())
+            bpe.write_atomic(Path(out_dir) / split / f"{subject}_{split}.csv", buf.getvalue().encode())
 
 
 def default_mmlu_dir():
@@ -682,13 +673,13 @@ def prepare_sft(inputs, tokenizer, out_dir, max_len=2048, val_fraction=0.02, mml
         for name, a in arrays.items():
             buf = io.BytesIO()
             np.save(buf, a)
-            _write(out / f"{split}_{name}.npy", buf.getbuffer())
+            bpe.write_atomic(out / f"{split}_{name}.npy", buf.getbuffer())
     meta = {"kind": "sft", "tokenizer_hash": tok.hash, "vocab_size": tok.vocab_size, "max_len": max_len,
             "inputs": [str(i) for i in inputs], "val_fraction": val_fraction, "counts": counts,
             "decontamination": {"mmlu_dir": str(mmlu_dir) if grams else None, "ngram": 13,
                                 "removed": counts.get("contaminated", 0)},
             "train_conversations": int((~is_val).sum()), "val_conversations": int(is_val.sum())}
-    _write(out / "meta.json", (json.dumps(meta, indent=1) + "\n").encode())
+    bpe.write_atomic(out / "meta.json", (json.dumps(meta, indent=1) + "\n").encode())
     print(f"{out}: {meta['train_conversations']} train + {meta['val_conversations']} val conversations; {counts}")
     return meta
 

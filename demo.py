@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+import bpe
 import common
 import llm
 
@@ -224,9 +225,7 @@ def make_world(seed=0, n_people=48, n_docs=8000, test_per_person=2, mc_copies=2)
 
 def write_text(path, text):
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    bpe.write_atomic(path, text.encode("utf-8"))
 
 
 def csv_text(rows):
@@ -306,9 +305,7 @@ def cmd_report(args):
     world = json.loads((world_dir / "world.json").read_text())
     replies = chat_replies((out / "samples.txt").read_text())
     if (sft / "loss.png").exists():
-        tmp = out / "sft_loss.tmp.png"
-        tmp.write_bytes((sft / "loss.png").read_bytes())
-        os.replace(tmp, out / "sft_loss.png")
+        bpe.write_atomic(out / "sft_loss.png", (sft / "loss.png").read_bytes())
 
     def conf(c):
         return (f"{c['max_iters']} steps of {c['total_batch_tokens']:,} tokens ({c['batch_size']} x "
