@@ -178,7 +178,7 @@ def save_checkpoint(out_dir, step, model, optimizer, run_config, state, tokenize
     """Write out_dir/ckpt_{step:07d}/ atomically and keep only the newest keep_last checkpoints.
 
     model is the unwrapped LLM (never DDP/compiled). Under FSDP pass its gathered full state dict as model_state
-    and the optimizer's full state dict as optimizer. state holds what resume needs (rng states, data
+    and the optimizer's full state dict as optimizer. state holds what resume needs (step, data
     position): tensors, numbers, strings, lists and dicts only, so it loads with weights_only=True. tokenizer (a
     bpe.Tokenizer, or None) is saved beside the weights and its hash recorded in meta.json.
     """

@@ -15,7 +15,6 @@ the same config on 1 or N processes is the same run: same data order, same losse
 import json
 import math
 import os
-import random
 import resource
 import signal
 import sys
@@ -158,21 +157,6 @@ def fetch(loader, n, device):
         x, y, *doc_ids = loader.next_batch()   # pretraining rows are one stream: no doc_ids
         batches.append((move(x), move(y), move(doc_ids[0]) if doc_ids else None))
     return batches, loader.state_dict()
-
-
-def rng_state():
-    keys, pos, has_gauss, gauss = np.random.get_state()[1:]
-    return {"torch": torch.get_rng_state(), "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-            "python": list(random.getstate()[1]), "cuda": torch.cuda.get_rng_state_all()}
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    keys, pos, has_gauss, gauss = s["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate((3, tuple(s["python"]), None))
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
 
 
 def setup_device(cfg):
@@ -435,7 +419,6 @@ def train(cfg):
         evaluated = state.get("evaluated_step")
         loader.load_state_dict(state["data"])
         scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
     use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
     model = torch.compile(raw_model) if use_compile else raw_model   # compile before wrapping in DDP
     set_grad_sync = lambda last: None   # FSDP and DDP: reduce gradients only on the last micro-step
@@ -495,7 +478,9 @@ def train(cfg):
                 model_state = get_model_state_dict(raw_model, options=full) if cfg.fsdp else None
                 opt_state = get_optimizer_state_dict(raw_model, optimizer, options=full)
                 if master:
-                    state = {"step": step, "data": done_state, "rng": rng_state(), "scaler": scaler.state_dict(),
+                    # No RNG state: training draws no random numbers (seeded data order, no dropout, greedy
+                    # samples); the resume tests check that bitwise.
+                    state = {"step": step, "data": done_state, "scaler": scaler.state_dict(),
                              "bad_steps": bad_steps, "evaluated_step": evaluated}
                     path = common.save_checkpoint(cfg.out_dir, step, raw_model, opt_state, common.config_dict(cfg),
                                                   state, tokenizer, keep_last=cfg.keep_last, stage=cfg.task,
@@ -536,7 +521,8 @@ def train(cfg):
                                  f"step {step}; stopped without saving, the last good checkpoint is "
                                  f"{last_ckpt[-1] if last_ckpt else 'none'}: lower learning_rate or check the data, "
                                  "then resume from it")
-            stopping = all_sum(torch.tensor(float(bool(stop)), device=device)).item() > 0   # all ranks stop together
+            stopping = bool(stop) if world == 1 else \
+                all_sum(torch.tensor(float(bool(stop)), device=device)).item() > 0   # all ranks stop together
             if stopping:
                 log(msg=f"signal {stop[0] if stop else ''} received: saving a checkpoint at step {step}, then "
                     "exiting; continue with --init_from=resume")
