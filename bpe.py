@@ -1,6 +1,6 @@
 """Byte-level BPE tokenizer for kiln: training, loading, chat rendering with loss masks.
 
-Train on your own text (txt, jsonl[.gz|.zst], parquet or arrow files; files, folders or globs):
+Train on your own text (txt, jsonl[.gz|.zst], C4's .json.gz, parquet or arrow files; files, folders or globs):
     python bpe.py --input data/raw/ --vocab_size 32768 --out data/tok
     python bpe.py --input 'data/fineweb/*.parquet' --vocab_size 32768 --out data/tok --max_chars 2_000_000_000
 CPU smoke run (a few seconds):

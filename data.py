@@ -1,6 +1,6 @@
 """Data for kiln: download, clean and tokenize text into checked uint16 shards; SFT chat data; MMLU.
 
-    python data.py --input data/raw/ --tokenizer data/tok --out data/mydata    # txt, jsonl[.gz|.zst], parquet, arrow
+    python data.py --input data/raw/ --tokenizer data/tok --out data/mydata    # txt, jsonl[.gz|.zst], json[.gz], parquet, arrow
     python data.py --input stories.txt --txt_separator '<|endoftext|>' --tokenizer data/tok --out data/stories
     python data.py --source fineweb-edu --max_shards 2 --tokenizer data/tok --out data/fineweb    # a hub preset
     python data.py --sft --input chat.jsonl extra.parquet:0.5 --tokenizer data/tok --out data/chat   # path:WEIGHT
