@@ -10,18 +10,17 @@ The heavy lifting is Hugging Face `tokenizers` (Rust). This file picks its setti
 adds what a chat model needs: special tokens that plain text can never produce, and (ids, mask) rendering.
 """
 import argparse
-import glob
 import hashlib
-import io
 import json
-import os
 import sys
-import traceback
 from pathlib import Path
 
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+import common
+import readers
 
 SPECIAL_TOKENS = ["<|bos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]  # ids 0..4
 ROLES = ["system", "user", "assistant"]
@@ -51,142 +50,13 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 
-# .json and .json.gz are JSON lines too: C4 ships its shards as .json.gz.
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz")
-SUFFIXES = (".txt", *JSONL_SUFFIXES, ".parquet", ".arrow")
-
-
-def find_files(inputs):
-    """Expand files, folders (recursive, sorted, known suffixes only) and globs into a list of paths."""
-    files = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES))
-        elif p.is_file():
-            found = [p]
-        else:  # a glob, relative or absolute
-            found = sorted(Path(f) for f in glob.glob(item, recursive=True) if os.path.isfile(f))
-        if not found:
-            raise FileNotFoundError(f"input {item!r} matches no {'/'.join(SUFFIXES)} file: check the path")
-        files += [f for f in found if f not in files]
-    return files
-
-
-def _missing_field(path, field, names):
-    return ValueError(f"{path} has no field {field!r} (it has {sorted(names)}): pass --text_field NAME")
-
-
-def _read_txt(path, chunk_chars):
-    # newline="" keeps \r\n as it is: the tokenizer must see the exact text. Invalid UTF-8 becomes U+FFFD, as
-    # in data.py's shards, instead of a crash that names no file.
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        if not chunk_chars:
-            yield f.read()  # a whole file is one document
-            return
-        # Stream for training: cut only after a newline that is followed by a non-space, where the split
-        # pattern always ends a piece anyway, so the chunks pre-tokenize exactly like the whole file.
-        carry = ""
-        while block := f.read(chunk_chars):
-            carry += block
-            cut = carry.rfind("\n", 0, len(carry) - 1)
-            while cut >= 0 and carry[cut + 1].isspace():
-                cut = carry.rfind("\n", 0, cut)
-            if cut < 0 and len(carry) > 8 * chunk_chars:  # a huge line: cut anyway to keep memory bounded
-                cut = len(carry) - 1
-            if cut >= 0:
-                yield carry[:cut + 1]
-                carry = carry[cut + 1:]
-        if carry:
-            yield carry
-
-
-def _read_jsonl(path, field):
-    import pyarrow as pa  # .gz and .zst decompression, detected from the suffix
-    with pa.input_stream(str(path), compression="detect") as raw:
-        for n, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8", newline="\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {n} is not valid JSON ({e}): fix or remove that line") from None
-            if not isinstance(row, dict) or field not in row:
-                raise _missing_field(f"{path} line {n}", field, row if isinstance(row, dict) else [])
-            if row[field] is not None:
-                yield row[field]
-
-
-def _read_arrow_batches(path, field, batches, schema):
-    if field not in schema.names:
-        raise _missing_field(path, field, schema.names)
-    for batch in batches:
-        yield from (t for t in batch.column(field).to_pylist() if t is not None)
-
-
-def _read_table(path, field):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    if path.name.endswith(".parquet"):
-        pf = pq.ParquetFile(path)  # one row group at a time: memory stays flat
-        cols = [field] if field in pf.schema_arrow.names else None
-        yield from _read_arrow_batches(path, field, pf.iter_batches(batch_size=1024, columns=cols), pf.schema_arrow)
-        return
-    with pa.memory_map(str(path)) as src:
-        try:  # Hugging Face datasets cache files are Arrow IPC *stream* files
-            reader = pa.ipc.open_stream(src)
-            yield from _read_arrow_batches(path, field, reader, reader.schema)
-        except pa.ArrowInvalid:
-            src.seek(0)
-            reader = pa.ipc.open_file(src)
-            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-            yield from _read_arrow_batches(path, field, batches, reader.schema)
-
-
-def iter_texts(paths, text_field="text", max_chars=None, chunk_chars=None):
-    """Yield documents (str) from files, streaming; stop after max_chars characters in total.
-    chunk_chars: cut .txt files into pieces of about this size (training does not need whole documents)."""
-    left = float("inf") if max_chars is None else max_chars
-    for path in map(Path, paths):
-        if path.name.endswith(".txt"):
-            texts = _read_txt(path, chunk_chars)
-        elif path.name.endswith(JSONL_SUFFIXES):
-            texts = _read_jsonl(path, text_field)
-        elif path.name.endswith((".parquet", ".arrow")):
-            texts = _read_table(path, text_field)
-        else:
-            raise ValueError(f"{path}: unknown file type, use one of {', '.join(SUFFIXES)}")
-        for text in texts:
-            if not isinstance(text, str):
-                raise ValueError(f"{path}: field {text_field!r} holds {type(text).__name__}, not text")
-            if len(text) >= left:
-                yield text[:left]
-                return
-            left -= len(text)
-            yield text
-
-
-def sha256_file(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def write_atomic(path, *chunks):
-    """Write bytes to a temporary name, then rename: no reader ever sees a half-written file. The project's one
-    such writer (data.py's shards, common.py's JSON, demo.py's files), here on the bottom floor."""
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-    os.replace(tmp, path)
-
 
 def train(inputs, vocab_size, out_dir, text_field="text", max_chars=None):
     """Train a byte-level BPE on the inputs, save it to out_dir and return it."""
     if not len(SPECIAL_TOKENS) + 256 < vocab_size <= MAX_VOCAB:
         raise ValueError(f"vocab_size {vocab_size} is out of range: use {len(SPECIAL_TOKENS) + 257}..{MAX_VOCAB} "
                          "(token ids are stored as uint16)")
-    files = find_files(inputs)
+    files = readers.find_files(inputs)
     tok = tokenizers.Tokenizer(models.BPE())
     # No normalizer: the text is tokenized exactly as written. Byte-level: after the split, each piece is
     # turned into its UTF-8 bytes (shown as printable stand-in characters), and all 256 bytes are in the
@@ -202,7 +72,7 @@ def train(inputs, vocab_size, out_dir, text_field="text", max_chars=None):
     def texts():  # a generator: tokenizers pulls text as it goes, so memory does not grow with the corpus
         nonlocal chars
         # tokenizers buffers 256 texts at a time, so 64K-character pieces cap that buffer near 16 MB
-        for text in iter_texts(files, text_field, max_chars, chunk_chars=1 << 16):
+        for text in readers.iter_texts(files, text_field, max_chars, chunk_chars=1 << 16):
             chars += len(text)
             yield text
     tok.train_from_iterator(texts(), trainer)
@@ -211,7 +81,7 @@ def train(inputs, vocab_size, out_dir, text_field="text", max_chars=None):
     if tok.get_vocab_size() < vocab_size:
         print(f"note: the text only supports {tok.get_vocab_size()} tokens, not {vocab_size}", file=sys.stderr)
     meta = {"special_tokens": SPECIAL_TOKENS, "text_field": text_field, "max_chars": max_chars, "chars": chars,
-            "inputs": [{"path": str(f), "sha256": sha256_file(f)} for f in files]}
+            "inputs": [{"path": str(f), "sha256": common.sha256_file(f)} for f in files]}
     result = Tokenizer(tok.to_str().encode(), meta)
     result.save(out_dir)
     return result
@@ -323,15 +193,15 @@ class Tokenizer:
     def save(self, out_dir):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "tokenizer.json", self.data)
+        common.write_atomic(out / "tokenizer.json", self.data)
         meta = {**self.meta, "vocab_size": self.vocab_size, "tokenizer_sha256": self.hash}
-        write_atomic(out / "bpe.json", (json.dumps(meta, indent=1) + "\n").encode())
+        common.write_atomic(out / "bpe.json", (json.dumps(meta, indent=1) + "\n").encode())
 
     def save_hf(self, out_dir, model_max_length=None):
         """Write a Hugging Face tokenizer folder: AutoTokenizer.from_pretrained(out_dir) then works."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "tokenizer.json", self.data)
+        common.write_atomic(out / "tokenizer.json", self.data)
         names = {k: self.tok.id_to_token(i) for k, i in (("bos_token", self.bos_id), ("eos_token", self.eot_id))
                  if i is not None}
         cfg = {"tokenizer_class": "PreTrainedTokenizerFast", **names, "clean_up_tokenization_spaces": False}
@@ -339,8 +209,8 @@ class Tokenizer:
             cfg["chat_template"] = CHAT_TEMPLATE
         if model_max_length:
             cfg["model_max_length"] = model_max_length
-        write_atomic(out / "tokenizer_config.json", (json.dumps(cfg, indent=1) + "\n").encode())
-        write_atomic(out / "special_tokens_map.json", (json.dumps(names, indent=1) + "\n").encode())
+        common.write_atomic(out / "tokenizer_config.json", (json.dumps(cfg, indent=1) + "\n").encode())
+        common.write_atomic(out / "special_tokens_map.json", (json.dumps(names, indent=1) + "\n").encode())
 
 
 def main(argv=None):
@@ -356,18 +226,5 @@ def main(argv=None):
           f"sha256 {tok.hash[:12]}")
 
 
-def cli(main):
-    """Run main(); bad input (ValueError, FileNotFoundError) becomes one line on stderr and exit status 2
-    (KILN_DEBUG=1 prints the traceback too). Every script's entry point (common.cli is this one); it lives on
-    the bottom floor so that bpe.py and data.py, which cannot import common.py, use it too."""
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        if os.environ.get("KILN_DEBUG") == "1":
-            traceback.print_exc()
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    cli(main)
+    common.cli(main)

@@ -38,25 +38,13 @@ import numpy as np
 from tqdm import tqdm
 
 import bpe
+import common
+import readers
 
 MAGIC, VERSION, HEADER_INTS = 0x6B696C6E, 1, 256  # magic = b"kiln" as a little-endian int32
 HEADER_BYTES = HEADER_INTS * 4
 MIN_CHARS = 10  # documents shorter than this after cleaning are "near-empty" and dropped
 ROOT = Path(__file__).resolve().parent
-
-
-def parse_weighted(spec):
-    """'a:0.7,b:0.3' or ['a:2', 'b'] -> [(name, weight)]; a suffix counts as a weight only if it is a number."""
-    out = []
-    for item in map(str, spec.split(",") if isinstance(spec, str) else spec):
-        name, _, w = item.rpartition(":")
-        try:
-            out.append((name, float(w)) if name else (item, 1.0))
-        except ValueError:
-            out.append((item, 1.0))
-    if any(w <= 0 for _, w in out):
-        raise ValueError(f"weights in {spec!r} must be positive")
-    return out
 
 
 # ---------- Shards
@@ -68,7 +56,7 @@ def write_shard(path, tokens, vocab_size, tok_hash):
     header[:3] = MAGIC, VERSION, vocab_size
     header[3:5] = np.array([len(tokens)], dtype="<i8").view("<i4")
     header[5:7] = np.frombuffer(bytes.fromhex(tok_hash[:16].ljust(16, "0")), dtype="<i4")
-    bpe.write_atomic(path, header.tobytes(), tokens.astype("<u2", copy=False).tobytes())
+    common.write_atomic(path, header.tobytes(), tokens.astype("<u2", copy=False).tobytes())
 
 
 def shard_header(path):
@@ -187,7 +175,7 @@ class PretrainLoader:
 
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=0,
                  sequential=False, vocab_size=None):
-        parts = parse_weighted(data_dir)
+        parts = readers.parse_weighted(data_dir)
         self.sources = [name for name, _ in parts]
         w = np.array([w for _, w in parts])
         self.cum_weights = np.cumsum(w / w.sum())
@@ -299,18 +287,6 @@ def clean(text):
     return text.strip(), start is not None
 
 
-def _read_jsonl_records(path):
-    """Records of a JSON-lines file (.gz/.zst by suffix); a line that is not JSON yields None."""
-    import pyarrow as pa
-    with pa.input_stream(str(path), compression="detect") as raw:
-        for line in io.TextIOWrapper(raw, encoding="utf-8", newline="\n"):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    yield None
-
-
 def iter_docs(files, text_field, txt_separator, stats, wikitext=False):
     """Raw documents in file order. Invalid UTF-8 in txt is replaced (U+FFFD) and counted, never a crash;
     --txt_separator splits a txt file into documents; wikitext rows (one line each) are joined into articles."""
@@ -326,14 +302,14 @@ def iter_docs(files, text_field, txt_separator, stats, wikitext=False):
                 yield part
         elif wikitext:
             article = []
-            for line in bpe.iter_texts([path], text_field):
+            for line in readers.iter_texts([path], text_field):
                 if _WIKITEXT_TITLE.match(line) and article:
                     yield "".join(article)
                     article = []
                 article.append(line)
             yield "".join(article)
         else:
-            yield from bpe.iter_texts([path], text_field)
+            yield from readers.iter_texts([path], text_field)
 
 
 def _units(docs, stats, shard_bytes, val_fraction, max_docs):
@@ -427,7 +403,7 @@ def prepare(inputs, tokenizer, out_dir, text_field="text", val_fraction=0.0005, 
     if not 0 <= val_fraction < 1:
         raise ValueError(f"--val_fraction {val_fraction} must be in [0, 1)")
     tok = _load_tokenizer(tokenizer)
-    files = bpe.find_files([str(i) for i in ([inputs] if isinstance(inputs, (str, Path)) else inputs)])
+    files = readers.find_files([str(i) for i in ([inputs] if isinstance(inputs, (str, Path)) else inputs)])
     workers = workers or os.cpu_count()
     stats = dict.fromkeys(["docs_read", "docs_kept", "gutenberg_stripped", "dropped_empty", "dropped_duplicate",
                            "utf8_replaced", "text_bytes"], 0)
@@ -440,7 +416,7 @@ def prepare(inputs, tokenizer, out_dir, text_field="text", val_fraction=0.0005, 
     if first is None:
         raise ValueError(f"no documents left in {[str(f) for f in files]} after cleaning ({stats['docs_read']} read, "
                          f"{stats['dropped_empty']} empty, {stats['dropped_duplicate']} duplicates)")
-    sources = [{"name": f.name, "path": str(f), "bytes": f.stat().st_size, "sha256": bpe.sha256_file(f)} for f in files]
+    sources = [{"name": f.name, "path": str(f), "bytes": f.stat().st_size, "sha256": common.sha256_file(f)} for f in files]
     settings = {"sources": [[s["name"], s["sha256"]] for s in sources], "tokenizer_hash": tok.hash,
                 "text_field": text_field, "val_fraction": val_fraction, "txt_separator": txt_separator,
                 "max_docs": max_docs, "shard_mb": shard_mb, "wikitext": wikitext, "version": VERSION}
@@ -464,7 +440,7 @@ def prepare(inputs, tokenizer, out_dir, text_field="text", val_fraction=0.0005, 
     def finish(i, counts, size):
         nonlocal tokens_done
         state["done"][str(i)] = counts
-        bpe.write_atomic(state_file, json.dumps(state, sort_keys=True).encode())
+        common.write_atomic(state_file, json.dumps(state, sort_keys=True).encode())
         tokens_done += counts["train"] + counts["val"]
         bar.update(size)
         bar.set_postfix(tokens_per_s=f"{tokens_done / (time.time() - t0):,.0f}")
@@ -491,7 +467,7 @@ def prepare(inputs, tokenizer, out_dir, text_field="text", val_fraction=0.0005, 
             "bos_id": tok.bos_id, "sources": sources, "settings": settings, "docs": stats,
             "train_tokens": n["train"], "val_tokens": n["val"],
             "train_shards": len(list(out.glob("train_*.bin"))), "val_shards": len(list(out.glob("val_*.bin")))}
-    bpe.write_atomic(out / "meta.json", (json.dumps(meta, indent=1) + "\n").encode())
+    common.write_atomic(out / "meta.json", (json.dumps(meta, indent=1) + "\n").encode())
     print(f"{out}: {n['train']:,} train + {n['val']:,} val tokens from {stats['docs_kept']:,} documents "
           f"({stats['text_bytes'] / 2**20:,.1f} MB); dropped {stats['dropped_empty']} near-empty and "
           f"{stats['dropped_duplicate']} duplicates; {stats['gutenberg_stripped']} Gutenberg headers stripped; "
@@ -555,7 +531,7 @@ def save_mmlu(out_dir):
             buf = io.StringIO()
             csv.writer(buf, lineterminator="\n").writerows([it["question"], *it["choices"], it["answer"]]
                                                            for it in items)
-            bpe.write_atomic(Path(out_dir) / split / f"{subject}_{split}.csv", buf.getvalue().encode())
+            common.write_atomic(Path(out_dir) / split / f"{subject}_{split}.csv", buf.getvalue().encode())
 
 
 def default_mmlu_dir():
@@ -612,17 +588,10 @@ def load_sft(inputs, tokenizer, max_len, grams=None):
     parquet records; inputs may carry weights ("chat.jsonl:2" repeats, ":0.5" keeps the first half).
     Records that are malformed, longer than max_len tokens or (with grams) overlapping MMLU are counted, not kept."""
     convs, counts = [], {"records": 0, "kept": 0}
-    for name, weight in parse_weighted(inputs):
+    for name, weight in readers.parse_weighted(inputs):
         mine = []
-        for path in bpe.find_files([name]):
-            if path.name.endswith(".parquet"):
-                import pyarrow.parquet as pq
-                records = (r for b in pq.ParquetFile(path).iter_batches(batch_size=1024) for r in b.to_pylist())
-            elif path.name.endswith(".json"):
-                records = json.loads(path.read_text(encoding="utf-8"))  # alpaca_data.json: one JSON list
-            else:
-                records = _read_jsonl_records(path)
-            for r in records:
+        for path in readers.find_files([name]):
+            for r in readers.iter_records(path):
                 counts["records"] += 1
                 msgs, why = to_messages(r)
                 if msgs is not None and grams and _ngrams("\n".join(m["content"] for m in msgs)) & grams:
@@ -673,13 +642,13 @@ def prepare_sft(inputs, tokenizer, out_dir, max_len=2048, val_fraction=0.02, mml
         for name, a in arrays.items():
             buf = io.BytesIO()
             np.save(buf, a)
-            bpe.write_atomic(out / f"{split}_{name}.npy", buf.getbuffer())
+            common.write_atomic(out / f"{split}_{name}.npy", buf.getbuffer())
     meta = {"kind": "sft", "tokenizer_hash": tok.hash, "vocab_size": tok.vocab_size, "max_len": max_len,
             "inputs": [str(i) for i in inputs], "val_fraction": val_fraction, "counts": counts,
             "decontamination": {"mmlu_dir": str(mmlu_dir) if grams else None, "ngram": 13,
                                 "removed": counts.get("contaminated", 0)},
             "train_conversations": int((~is_val).sum()), "val_conversations": int(is_val.sum())}
-    bpe.write_atomic(out / "meta.json", (json.dumps(meta, indent=1) + "\n").encode())
+    common.write_atomic(out / "meta.json", (json.dumps(meta, indent=1) + "\n").encode())
     print(f"{out}: {meta['train_conversations']} train + {meta['val_conversations']} val conversations; {counts}")
     return meta
 
@@ -786,7 +755,7 @@ def main(argv=None):
         raise ValueError("weights on --source are for SFT mixtures; for pretraining prepare each source into its "
                          "own --out and mix at train time: --data_dir=data/a:0.7,data/b:0.3")
     inputs, field = list(a.input or []), a.text_field
-    for name, weight in parse_weighted(a.source or []):
+    for name, weight in readers.parse_weighted(a.source or []):
         if name not in PRESETS or (name in SFT_PRESETS) != a.sft:
             if name.lower() == "books3":
                 raise ValueError("Books3 is no longer distributable: bring your own local files with --input PATH")
@@ -806,4 +775,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    bpe.cli(main)
+    common.cli(main)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-import bpe
+import checkpoint
 import common
 import llm
 
@@ -225,7 +225,7 @@ def make_world(seed=0, n_people=48, n_docs=8000, test_per_person=2, mc_copies=2)
 
 def write_text(path, text):
     path.parent.mkdir(parents=True, exist_ok=True)
-    bpe.write_atomic(path, text.encode("utf-8"))
+    common.write_atomic(path, text.encode("utf-8"))
 
 
 def csv_text(rows):
@@ -272,7 +272,7 @@ def first_last(rows, key):
 def run_summary(run_dir):
     """(config dict, model config dict, parameter count, steps done) of a train.py run folder."""
     cfg = json.loads((Path(run_dir) / "config.json").read_text())
-    meta = json.loads((common.find_checkpoint(run_dir) / "meta.json").read_text())
+    meta = json.loads((checkpoint.find_checkpoint(run_dir) / "meta.json").read_text())
     with torch.device("meta"):  # shapes only, no memory
         n = llm.LLM(llm.model_config(meta["model_config"])).num_params()
     return cfg, meta["model_config"], n, meta["step"]
@@ -305,7 +305,7 @@ def cmd_report(args):
     world = json.loads((world_dir / "world.json").read_text())
     replies = chat_replies((out / "samples.txt").read_text())
     if (sft / "loss.png").exists():
-        bpe.write_atomic(out / "sft_loss.png", (sft / "loss.png").read_bytes())
+        common.write_atomic(out / "sft_loss.png", (sft / "loss.png").read_bytes())
 
     def conf(c):
         return (f"{c['max_iters']} steps of {c['total_batch_tokens']:,} tokens ({c['batch_size']} x "

@@ -33,6 +33,7 @@ from contextlib import nullcontext
 import torch
 from tqdm import tqdm
 
+import checkpoint
 import common
 import data
 
@@ -213,8 +214,8 @@ def main(argv=None):
     if not any(tests.values()):
         raise ValueError(f"no MMLU test questions in {source} for these subjects; check --data and --limit")
     devs = data.load_mmlu(source, "dev", list(tests)) if args.shots else {}
-    ckpt = common.find_checkpoint(args.ckpt)
-    model, tok, meta = common.load_model(ckpt, device=args.device)
+    ckpt = checkpoint.find_checkpoint(args.ckpt)
+    model, tok, meta = checkpoint.load_model(ckpt, device=args.device)
     if tok is None:
         raise ValueError(f"{ckpt} has no tokenizer.json; copy the tokenizer the model was trained with into it")
     res = evaluate(model, tok, tests, devs, shots=args.shots, method=args.method, chat=args.chat,

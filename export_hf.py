@@ -19,20 +19,21 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+import checkpoint
 import common
 
 
 def export(ckpt, out_dir):
     """Write the Hugging Face folder out_dir from a kiln checkpoint (or run folder); returns out_dir."""
     out_dir = Path(out_dir)
-    src = common.find_checkpoint(ckpt)
+    src = checkpoint.find_checkpoint(ckpt)
     if out_dir.resolve() == src.resolve():
         raise ValueError(f"{out_dir} is the checkpoint itself; pick a new output folder")
     if out_dir.exists() and any(out_dir.iterdir()):
         old = out_dir / "config.json"
         if not (old.is_file() and "architectures" in json.loads(old.read_text())):  # never wipe a run folder
             raise ValueError(f"{out_dir} exists and is not an earlier export; pick a new output folder")
-    model, tokenizer, meta = common.load_model(src)
+    model, tokenizer, meta = checkpoint.load_model(src)
     cfg = model.config
     print(f"exporting {src} (step {meta.get('step')}, {model.num_params():,} parameters) -> {out_dir}")
 
@@ -40,18 +41,12 @@ def export(ckpt, out_dir):
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        config = common.hf_config(cfg, tokenizer)
+        config = checkpoint.hf_config(cfg, tokenizer)
         common.write_json(tmp / "config.json", config)
         generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
                       "pad_token_id": config["eos_token_id"]}
         common.write_json(tmp / "generation_config.json", generation)
-        weights = {}
-        for name, tensor in model.state_dict().items():
-            if name == "lm_head.weight":
-                if not cfg.tie_embeddings:  # tied: HF rebuilds lm_head from embed_tokens
-                    weights[name] = tensor.contiguous()
-            else:
-                weights["model." + name] = tensor.contiguous()
+        weights = checkpoint.hf_state_dict(model)
         save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_hf(tmp, model_max_length=cfg.max_seq_len)  # with the chat template

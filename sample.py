@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+import checkpoint
 import common
 
 
@@ -198,8 +199,8 @@ def main(argv=None):
         raise ValueError("give exactly one of --prompt TEXT, --chat or --gradio")
     if args.max_new_tokens < 1 or args.num_samples < 1:
         raise ValueError("--max_new_tokens and --num_samples must be at least 1")
-    path = common.find_checkpoint(args.ckpt)
-    model, tokenizer, _ = common.load_model(path, device=common.pick_device(args.device))
+    path = checkpoint.find_checkpoint(args.ckpt)
+    model, tokenizer, _ = checkpoint.load_model(path, device=common.pick_device(args.device))
     if tokenizer is None:
         raise ValueError(f"{path} has no tokenizer.json; export it again with export_hf.py or pass a kiln checkpoint")
     print(f"loaded {path} ({model.num_params():,} parameters)", file=sys.stderr)

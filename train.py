@@ -32,12 +32,15 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint as recompute
 
 import bpe
+import checkpoint
 import common
+import config
 import data
 import llm
+import readers
 
 
 @dataclass
@@ -120,7 +123,7 @@ def get_lr(step, cfg):
 
 def mixture_dirs(data_dir):
     """'data/a:0.7,data/b:0.3' -> ['data/a', 'data/b']; a plain dir -> [it] (the loaders read the weights)."""
-    return [d for d, _ in data.parse_weighted(data_dir)]
+    return [d for d, _ in readers.parse_weighted(data_dir)]
 
 
 def all_sum(t):
@@ -219,7 +222,7 @@ def build_model(cfg, tokenizer, device):
         with torch.device(device):
             return llm.LLM(model_config_from(cfg, tokenizer.vocab_size)), None
     if cfg.init_from == "resume":
-        ckpts = common.list_checkpoints(cfg.out_dir)
+        ckpts = checkpoint.list_checkpoints(cfg.out_dir)
         if not ckpts:
             raise FileNotFoundError(f"init_from=resume but {cfg.out_dir} holds no checkpoint; start the run with "
                                     "--init_from=scratch (or point out_dir at the run to resume)")
@@ -232,8 +235,8 @@ def build_model(cfg, tokenizer, device):
                 raise ValueError(f"checkpoint {ckpt} holds another model shape: {', '.join(diff)}; resume with "
                                  "the same model settings or use a new out_dir")
     else:
-        ckpt = common.find_checkpoint(None if cfg.init_from == "pretrain" else cfg.init_from, stages=("pretrain",))
-    model, ckpt_tokenizer, _ = common.load_model(ckpt, device)
+        ckpt = checkpoint.find_checkpoint(None if cfg.init_from == "pretrain" else cfg.init_from, stages=("pretrain",))
+    model, ckpt_tokenizer, _ = checkpoint.load_model(ckpt, device)
     if ckpt_tokenizer is None or ckpt_tokenizer.hash != tokenizer.hash:
         raise ValueError(f"the data in {cfg.data_dir} was tokenized with another tokenizer than checkpoint {ckpt}; "
                          f"prepare the data with the checkpoint's tokenizer (data.py --tokenizer {ckpt})")
@@ -396,7 +399,7 @@ def train(cfg):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)   # fp16 needs loss scaling
     if cfg.activation_checkpointing:   # keep only each block's input; recompute the rest during backward
         for block in raw_model.layers:
-            block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+            block.forward = partial(recompute, block.forward, use_reentrant=False)
     if cfg.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
@@ -411,7 +414,7 @@ def train(cfg):
                                   fused=device.type == "cuda")
     start_step, bad_steps, evaluated = 0, 0, None   # evaluated: the step of the last eval (skip it on resume)
     if cfg.init_from == "resume":
-        saved = common.load_trainer_state(ckpt)
+        saved = checkpoint.load_trainer_state(ckpt)
         set_optimizer_state_dict(raw_model, optimizer, saved["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
         state = saved["state"]
@@ -431,9 +434,9 @@ def train(cfg):
     master = rank == 0
     log = RunLog(cfg, master)
     if master:
-        common.print_config(cfg)
+        config.print_config(cfg)
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        common.write_json(Path(cfg.out_dir) / "config.json", common.config_dict(cfg))
+        common.write_json(Path(cfg.out_dir) / "config.json", config.config_dict(cfg))
     log(msg=f"model: {raw_model.num_params() / 1e6:.2f}M parameters; {world} process(es) on {device.type}, {dtype}, "
         f"compile {use_compile}; {grad_accum} micro-steps of {cfg.batch_size} x {cfg.block_size} tokens per process"
         f" = {cfg.total_batch_tokens:,} tokens per step" + f"; resuming at step {start_step}" * bool(start_step))
@@ -482,7 +485,7 @@ def train(cfg):
                     # samples); the resume tests check that bitwise.
                     state = {"step": step, "data": done_state, "scaler": scaler.state_dict(),
                              "bad_steps": bad_steps, "evaluated_step": evaluated}
-                    path = common.save_checkpoint(cfg.out_dir, step, raw_model, opt_state, common.config_dict(cfg),
+                    path = checkpoint.save_checkpoint(cfg.out_dir, step, raw_model, opt_state, config.config_dict(cfg),
                                                   state, tokenizer, keep_last=cfg.keep_last, stage=cfg.task,
                                                   model_state=model_state)
                     print(f"saved {path}")
@@ -516,7 +519,7 @@ def train(cfg):
             done_state = batches_state
             batches, batches_state = next_batches
             if bad_steps >= cfg.max_bad_steps:
-                last_ckpt = common.list_checkpoints(cfg.out_dir)
+                last_ckpt = checkpoint.list_checkpoints(cfg.out_dir)
                 raise SystemExit(f"error: {bad_steps} non-finite steps in a row (loss {loss}, grad norm {norm}) at "
                                  f"step {step}; stopped without saving, the last good checkpoint is "
                                  f"{last_ckpt[-1] if last_ckpt else 'none'}: lower learning_rate or check the data, "
@@ -550,7 +553,7 @@ def train(cfg):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    cfg = common.parse_config(TrainConfig(), argv)
+    cfg = config.parse_args(TrainConfig(), argv, doc=__doc__, config_file=True)
     if not cfg.out_dir:   # out/<config file name>, e.g. out/demo
         name = Path(argv[0]).stem if argv and not argv[0].startswith("--") else "train"
         cfg.out_dir = str(Path("out") / name)

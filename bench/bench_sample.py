@@ -26,7 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import common  # after the sys.path line: the repo root holds the modules
+import checkpoint  # after the sys.path line: the repo root holds the modules
 import export_hf
 import llm
 import sample
@@ -58,7 +58,7 @@ def main():
     compiled.load_state_dict(model.state_dict())
     compiled.compile_decode()
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = common.save_checkpoint(Path(tmp) / "run", 0, model, {}, {"model": args.preset}, {}, None)
+        ckpt = checkpoint.save_checkpoint(Path(tmp) / "run", 0, model, {}, {"model": args.preset}, {}, None)
         hf_dir = export_hf.export(ckpt, Path(tmp) / "hf")
         hf = LlamaForCausalLM.from_pretrained(hf_dir).eval()
         hf_compiled = LlamaForCausalLM.from_pretrained(hf_dir).eval() if args.hf_compile else None

@@ -23,7 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import bpe  # after the sys.path line above: the repo root holds the modules
-import common
+import config
 import data
 import llm
 import train
@@ -75,7 +75,7 @@ def main():
     a, extra = p.parse_known_args()
     extra = [e for e in extra if e != "--"]
     # The config and its overrides, read as train.py reads them, to size the vocabulary like the real run.
-    cfg = common.parse_config(train.TrainConfig(), [str(ROOT / a.config), *extra])
+    cfg = config.parse_args(train.TrainConfig(), [str(ROOT / a.config), *extra], config_file=True)
     vocab = cfg.vocab_size or llm.model_config(cfg.model).vocab_size
     data_dir = ROOT / "bench" / "out" / "train_speed_data"
     make_data(data_dir)

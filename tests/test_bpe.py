@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import bpe
+import readers
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the quick brown fox jumps over lazy dog and then it's gone, isn't it? We'll see: 42 apples cost $3.50 "
@@ -237,34 +238,34 @@ def write_all_formats(folder):
 def test_every_format_yields_the_same_texts(tmp_path):
     paths = write_all_formats(tmp_path / "docs")
     for name, path in paths.items():
-        assert list(bpe.iter_texts([path], text_field="body")) == DOCS, name
-    txts = bpe.find_files([str(tmp_path / "docs" / "txt")])
-    assert list(bpe.iter_texts(txts)) == DOCS
-    assert bpe.find_files([str(tmp_path / "docs" / "*.jsonl*")]) == [paths[k] for k in ("jsonl", "jsonl.gz",
+        assert list(readers.iter_texts([path], text_field="body")) == DOCS, name
+    txts = readers.find_files([str(tmp_path / "docs" / "txt")])
+    assert list(readers.iter_texts(txts)) == DOCS
+    assert readers.find_files([str(tmp_path / "docs" / "*.jsonl*")]) == [paths[k] for k in ("jsonl", "jsonl.gz",
                                                                                           "jsonl.zst")]
     # a folder is searched recursively, sorted, keeping only the known suffixes
-    assert len(bpe.find_files([str(tmp_path / "docs")])) == len(paths) + len(DOCS)
+    assert len(readers.find_files([str(tmp_path / "docs")])) == len(paths) + len(DOCS)
     # invalid UTF-8 in a .txt becomes U+FFFD (as in data.py's shards), not a crash
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9 ok")
-    assert list(bpe.iter_texts([tmp_path / "bad.txt"])) == ["caf\ufffd ok"]
+    assert list(readers.iter_texts([tmp_path / "bad.txt"])) == ["caf\ufffd ok"]
     # max_chars cuts the stream at exactly that many characters
     whole = "".join(DOCS)
-    assert "".join(bpe.iter_texts([paths["parquet"]], "body", max_chars=40)) == whole[:40]
+    assert "".join(readers.iter_texts([paths["parquet"]], "body", max_chars=40)) == whole[:40]
 
 
 @pytest.mark.parametrize("name", ["jsonl", "jsonl.zst", "parquet", "arrow", "ipc.arrow"])
 def test_missing_text_field_names_file_and_fields(tmp_path, name):
     path = write_all_formats(tmp_path / "docs")[name]
     with pytest.raises(ValueError, match=rf"{path.name}.* no field 'text' .*'body'.*--text_field"):
-        list(bpe.iter_texts([path]))
+        list(readers.iter_texts([path]))
 
 
 def test_missing_input_and_unknown_suffix(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing_here"):
-        bpe.find_files([str(tmp_path / "nothing_here*.txt")])
+        readers.find_files([str(tmp_path / "nothing_here*.txt")])
     (tmp_path / "a.csv").write_text("x")
     with pytest.raises(ValueError, match="unknown file type"):
-        list(bpe.iter_texts(bpe.find_files([str(tmp_path / "a.csv")])))
+        list(readers.iter_texts(readers.find_files([str(tmp_path / "a.csv")])))
 
 
 def test_txt_chunks_pre_tokenize_like_the_whole_file(tok, tmp_path):
@@ -275,11 +276,11 @@ def test_txt_chunks_pre_tokenize_like_the_whole_file(tok, tmp_path):
     pre_tokenize = tok.tok.pre_tokenizer.pre_tokenize_str
     longest_line = max(map(len, re.split(r"\n(?=\S)", whole)))  # cuts are exact below 8 x chunk_chars
     for chunk_chars in range(longest_line // 8 + 1, longest_line // 8 + 40, 3):
-        chunks = list(bpe.iter_texts([path], chunk_chars=chunk_chars))
+        chunks = list(readers.iter_texts([path], chunk_chars=chunk_chars))
         assert len(chunks) > 20 and "".join(chunks) == whole
         assert [p for c in chunks for p, _ in pre_tokenize(c)] == [p for p, _ in pre_tokenize(whole)]
     path.write_text("no newline at all " * 200)  # no safe cut: pieces stay bounded, text intact
-    chunks = list(bpe.iter_texts([path], chunk_chars=50))
+    chunks = list(readers.iter_texts([path], chunk_chars=50))
     assert "".join(chunks) == path.read_text() and max(map(len, chunks)) <= 9 * 50
 
 

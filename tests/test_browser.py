@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-import common
-import sample
+import checkpoint
 from conftest import skip_or_fail_on_ci
+import sample
 from test_sample import free_port, make_tiny_checkpoint
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -23,7 +23,7 @@ def test_chat_streams_in_browser(tmp_path):
     if not CHROMIUM.exists():
         skip_or_fail_on_ci("headless test needs /usr/bin/chromium (apt-get install chromium)")
     import playwright.sync_api as playwright   # a pinned test dependency: never skipped
-    model, tokenizer, _ = common.load_model(make_tiny_checkpoint(tmp_path, train_steps=30))
+    model, tokenizer, _ = checkpoint.load_model(make_tiny_checkpoint(tmp_path, train_steps=30))
     real_generate = model.generate
 
     def slow_generate(idx, max_new_tokens, **kw):

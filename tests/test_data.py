@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import bpe
-import data
 from conftest import skip_or_fail_on_ci
+import data
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the a river stone lantern quiet seven clock garden north paper window early silver orchard thunder "

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import checkpoint
 import demo  # conftest puts the repo root on sys.path; the script's main() only runs as __main__
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,8 +118,8 @@ def test_demo_pipeline_end_to_end(tmp_path):
 
     # Generation stops at the end-of-turn token, well before the budget runs out.
     import torch
-    import common
-    model, tokenizer, _ = common.load_model(common.find_checkpoint(sft))
+    import checkpoint
+    model, tokenizer, _ = checkpoint.load_model(checkpoint.find_checkpoint(sft))
     for q in ["Where does Anna Stone live?", "What is two plus three?"]:
         prompt = torch.tensor([tokenizer.render_prompt([{"role": "user", "content": q}])])
         out = [int(t[0]) for t in model.generate(prompt, 60, temperature=0, stop_ids=[tokenizer.eot_id])]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import bpe
-import common
+import checkpoint
 import eval_mmlu
 import llm
 
@@ -57,8 +57,8 @@ def setup(tmp_path_factory):
     model = llm.LLM(llm.model_config("tiny", vocab_size=tok.vocab_size, max_seq_len=1024))
     with torch.no_grad():
         model.lm_head.weight.mul_(30)  # peaked, not near-uniform, predictions: a wrong position would show
-    ckpt = common.save_checkpoint(tmp / "run", 1, model, torch.optim.SGD(model.parameters(), lr=0.1), {}, {}, tok)
-    model, tok, _ = common.load_model(ckpt)
+    ckpt = checkpoint.save_checkpoint(tmp / "run", 1, model, torch.optim.SGD(model.parameters(), lr=0.1), {}, {}, tok)
+    model, tok, _ = checkpoint.load_model(ckpt)
     tests = {s: as_items(rows) for s, rows in TEST.items()}
     devs = {s: as_items(DEV) for s in TEST}
     return dict(tmp=tmp, data=tmp / "mmlu", tok=tok, model=model, ckpt=ckpt, tests=tests, devs=devs)
@@ -184,7 +184,7 @@ def always_c_checkpoint(setup):
         always.embed_tokens.weight[:, 0] = 1.0
         always.lm_head.weight.zero_()
         always.lm_head.weight[tok.encode(" C")[0], 0] = 1.0
-    return common.save_checkpoint(setup["tmp"] / "always_c", 1, always, {}, {}, {}, bpe.Tokenizer.load(setup["tmp"] / "tok"))
+    return checkpoint.save_checkpoint(setup["tmp"] / "always_c", 1, always, {}, {}, {}, bpe.Tokenizer.load(setup["tmp"] / "tok"))
 
 
 def test_always_c_model_scores_the_fraction_of_c_answers(setup, capsys):
@@ -236,7 +236,7 @@ def test_hf_export_gives_the_same_scores(setup):
     import export_hf
     import transformers
     hf_dir = export_hf.export(setup["ckpt"], setup["tmp"] / "hf")
-    hf_model, hf_tok, _ = common.load_model(hf_dir)
+    hf_model, hf_tok, _ = checkpoint.load_model(hf_dir)
     tests = {"astronomy": setup["tests"]["astronomy"]}
     ours = eval_mmlu.evaluate(setup["model"], setup["tok"], tests, setup["devs"], shots=5)["questions"]
     theirs = eval_mmlu.evaluate(hf_model, hf_tok, tests, setup["devs"], shots=5)["questions"]

@@ -1,11 +1,11 @@
-"""export_hf.py and common.load_model against Hugging Face transformers' own LlamaForCausalLM."""
+"""export_hf.py and checkpoint.load_model against Hugging Face transformers' own LlamaForCausalLM."""
 import json
 
 import pytest
 import torch
 import transformers  # the outside reference: a pinned test dependency, so never skipped
 
-import common
+import checkpoint
 from conftest import random_tiny_model
 import export_hf
 
@@ -14,7 +14,7 @@ import export_hf
 
 def kiln_checkpoint(tmp_path, model, tokenizer=None):
     opt = torch.optim.AdamW(model.parameters())
-    return common.save_checkpoint(tmp_path / "run", 7, model, opt, {}, {}, tokenizer)
+    return checkpoint.save_checkpoint(tmp_path / "run", 7, model, opt, {}, {}, tokenizer)
 
 
 def hf_logits(hf_dir, idx):
@@ -44,7 +44,7 @@ def test_export_matches_transformers_and_round_trips(tmp_path, overrides):
     assert hf.config.num_key_value_heads == (model.config.n_kv_head or model.config.n_head)
     assert hf.config.tie_word_embeddings == model.config.tie_embeddings
     # kiln -> HF folder -> kiln gives the very same tensors.
-    back, tok, meta = common.load_model(out)
+    back, tok, meta = checkpoint.load_model(out)
     assert tok is None and meta["stage"] == "hf" and back.config == model.config
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
@@ -59,7 +59,7 @@ def test_load_hf_saved_by_transformers(tmp_path):
     hf = transformers.LlamaForCausalLM(config).eval()
     hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
-    model, _, _ = common.load_model(tmp_path / "hf")
+    model, _, _ = checkpoint.load_model(tmp_path / "hf")
     assert (model.config.n_kv_head, model.config.ffn_hidden, model.config.rope_theta) == (2, 160, 20000.0)
     idx = torch.randint(0, 300, (1, 20))
     with torch.no_grad():
@@ -73,10 +73,10 @@ def test_unsupported_or_damaged_hf_folder(tmp_path):
     config = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "linear", "factor": 2}}))
     with pytest.raises(ValueError, match="uses rope scaling, which kiln's llm.py does not support"):
-        common.load_model(out)
+        checkpoint.load_model(out)
     (out / "config.json").write_text(json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] + 1}))
     with pytest.raises(ValueError, match=r"model\.safetensors does not match its model config: .* is missing"):
-        common.load_model(out)
+        checkpoint.load_model(out)
 
 
 def test_export_refuses_to_overwrite_a_non_export(tmp_path):
@@ -108,5 +108,5 @@ def test_export_with_tokenizer(tmp_path):
     assert list(ids) == tok.render_prompt(messages)
     config = json.loads((out / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_id, tok.eot_id)
-    _, tok_back, _ = common.load_model(out)  # and kiln reads the exported tokenizer back unchanged
+    _, tok_back, _ = checkpoint.load_model(out)  # and kiln reads the exported tokenizer back unchanged
     assert tok_back.hash == tok.hash and tok_back.eot_id == tok.eot_id

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import bpe
-import common
+import checkpoint
+from conftest import skip_or_fail_on_ci
 import llm
 import sample
-from conftest import skip_or_fail_on_ci
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Café, naïve, crème brûlée. 日本語のテキスト。 "
         "Ünïcödé and emoji 🙂🚀 mixed with plain English sentences about cats and dogs. ") * 40
@@ -34,7 +34,7 @@ def make_tiny_checkpoint(root, max_seq_len=128, train_steps=0):
         model(x, y)[1].backward()
         optimizer.step()
         optimizer.zero_grad()
-    return common.save_checkpoint(root / "run", 1, model, optimizer, {"model": "custom"}, {}, tokenizer, stage="sft")
+    return checkpoint.save_checkpoint(root / "run", 1, model, optimizer, {"model": "custom"}, {}, tokenizer, stage="sft")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(ckpt):
-    model, tokenizer, _ = common.load_model(ckpt)
+    model, tokenizer, _ = checkpoint.load_model(ckpt)
     return model, tokenizer
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import bpe
-import common
+import checkpoint
 import conftest
 import data
 import llm
@@ -165,8 +165,8 @@ def test_sft_teaches_the_format(dirs, tmp_path):
     finally:
         os.chdir(cwd)
         torch.set_num_threads(threads)
-    base, tok, _ = common.load_model(tmp_path / "base")
-    sft, _, meta = common.load_model(tmp_path / "sft")
+    base, tok, _ = checkpoint.load_model(tmp_path / "base")
+    sft, _, meta = checkpoint.load_model(tmp_path / "sft")
     assert meta["stage"] == "sft"
     # held out: the training chats repeat 1 to 4 words, these 5
     prompts = ["red cat on a tree", "big old tree and sky", "bird sang over the river", "the dog ran with cat"]

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 import bpe
-import common
+import checkpoint
+import config
 from conftest import WORDS, word_corpus_shards
 import data
 import llm
@@ -69,7 +70,7 @@ def log_rows(out_dir, key):
 
 
 def final_weights(out_dir):
-    return load_file(common.list_checkpoints(out_dir)[-1] / "model.safetensors")
+    return load_file(checkpoint.list_checkpoints(out_dir)[-1] / "model.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -148,10 +149,10 @@ def assert_bitwise_equal(a, b):
 def test_resume_after_sigkill_is_exact(data_dir, tmp_path, reference_run):
     argv = args(data_dir, tmp_path, "--max_iters=30", "--ckpt_interval=5", "--eval_interval=0")
     proc = spawn(argv)
-    wait_for(lambda: common.list_checkpoints(tmp_path), proc)
+    wait_for(lambda: checkpoint.list_checkpoints(tmp_path), proc)
     proc.kill()   # SIGKILL: no chance to save anything
     proc.communicate()
-    saved = [common._ckpt_step(p) for p in common.list_checkpoints(tmp_path)]
+    saved = [checkpoint._ckpt_step(p) for p in checkpoint.list_checkpoints(tmp_path)]
     assert saved and max(saved) < 30, saved
     out = finish(spawn(argv + ["--init_from=resume"]))
     assert f"resuming at step {max(saved)}" in out
@@ -166,7 +167,7 @@ def test_resume_after_sigterm_mid_run_is_exact(data_dir, tmp_path, reference_run
     proc.send_signal(signal.SIGTERM)   # lands during some step; that step finishes, is saved, the run exits
     out = finish(proc)
     assert "signal" in out and "continue with --init_from=resume" in out
-    stopped_at = common._ckpt_step(common.list_checkpoints(tmp_path)[-1])
+    stopped_at = checkpoint._ckpt_step(checkpoint.list_checkpoints(tmp_path)[-1])
     assert 7 <= stopped_at < 30
     out = finish(spawn(argv + ["--init_from=resume"]))
     assert f"resuming at step {stopped_at}" in out
@@ -215,7 +216,7 @@ def test_mixture_reports_each_source(data_dir, tmp_path):
     a, b = row[f"val_loss/{data_dir.name}"], row["val_loss/other"]
     assert a != b and row["val_loss"] == pytest.approx((a + b) / 2)
     assert row[f"val_bpb/{data_dir.name}"] > 0 and row["val_bpb/other"] > 0
-    state = common.load_trainer_state(tmp_path / "run")["state"]["data"]
+    state = checkpoint.load_trainer_state(tmp_path / "run")["state"]["data"]
     assert sum(state["counts"]) == 2 * 8 and min(state["counts"]) > 0   # 2 steps x 8 windows, from both
 
 
@@ -279,8 +280,8 @@ def test_nonfinite_steps_in_a_row_stop_the_run(data_dir, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="3 non-finite steps in a row .* last good checkpoint is .*ckpt_0000002"):
         run_in_process(args(data_dir, tmp_path, "--max_iters=10", "--ckpt_interval=2", "--max_bad_steps=3",
                             "--eval_interval=0"))
-    assert [p.name for p in common.list_checkpoints(tmp_path)] == ["ckpt_0000002"]
-    model, _, meta = common.load_model(tmp_path / "ckpt_0000002")
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["ckpt_0000002"]
+    model, _, meta = checkpoint.load_model(tmp_path / "ckpt_0000002")
     assert meta["step"] == 2 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -302,7 +303,7 @@ def test_plan_prints_the_budget(capsys):
     finally:
         os.chdir(cwd)
     out = capsys.readouterr().out
-    cfg = common.parse_config(train.TrainConfig(), [str(ROOT / "config/pretrain_1b.py")])
+    cfg = config.parse_args(train.TrainConfig(), [str(ROOT / "config/pretrain_1b.py")], config_file=True)
     with torch.device("meta"):
         n = llm.LLM(llm.model_config("1b")).num_params()
     tokens = cfg.max_iters * cfg.total_batch_tokens

@@ -1,0 +1,168 @@
+"""Reading text and records from local files: txt, JSON lines (.jsonl, .json, .gz, .zst), parquet and arrow.
+
+    files = find_files(["data/raw/", "extra/*.parquet"])      # folders, files or globs -> paths
+    for text in iter_texts(files, "text"): ...                  # documents, streamed
+    for record in iter_records(path): ...                       # dicts (SFT data); None for a bad JSON line
+
+Bottom floor: bpe.py, data.py and sft_data.py read through here. pyarrow does the decompression.
+"""
+import glob
+import io
+import json
+import os
+from pathlib import Path
+
+# .json and .json.gz are JSON lines too: C4 ships its shards as .json.gz.
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz")
+
+
+SUFFIXES = (".txt", *JSONL_SUFFIXES, ".parquet", ".arrow")
+
+
+def find_files(inputs):
+    """Expand files, folders (recursive, sorted, known suffixes only) and globs into a list of paths."""
+    files = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES))
+        elif p.is_file():
+            found = [p]
+        else:  # a glob, relative or absolute
+            found = sorted(Path(f) for f in glob.glob(item, recursive=True) if os.path.isfile(f))
+        if not found:
+            raise FileNotFoundError(f"input {item!r} matches no {'/'.join(SUFFIXES)} file: check the path")
+        files += [f for f in found if f not in files]
+    return files
+
+
+def _missing_field(path, field, names):
+    return ValueError(f"{path} has no field {field!r} (it has {sorted(names)}): pass --text_field NAME")
+
+
+def _read_txt(path, chunk_chars):
+    # newline="" keeps \r\n as it is: the tokenizer must see the exact text. Invalid UTF-8 becomes U+FFFD, as
+    # in data.py's shards, instead of a crash that names no file.
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        if not chunk_chars:
+            yield f.read()  # a whole file is one document
+            return
+        # Stream for training: cut only after a newline that is followed by a non-space, where the split
+        # pattern always ends a piece anyway, so the chunks pre-tokenize exactly like the whole file.
+        carry = ""
+        while block := f.read(chunk_chars):
+            carry += block
+            cut = carry.rfind("\n", 0, len(carry) - 1)
+            while cut >= 0 and carry[cut + 1].isspace():
+                cut = carry.rfind("\n", 0, cut)
+            if cut < 0 and len(carry) > 8 * chunk_chars:  # a huge line: cut anyway to keep memory bounded
+                cut = len(carry) - 1
+            if cut >= 0:
+                yield carry[:cut + 1]
+                carry = carry[cut + 1:]
+        if carry:
+            yield carry
+
+
+def _read_jsonl(path, field):
+    import pyarrow as pa  # .gz and .zst decompression, detected from the suffix
+    with pa.input_stream(str(path), compression="detect") as raw:
+        for n, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8", newline="\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n} is not valid JSON ({e}): fix or remove that line") from None
+            if not isinstance(row, dict) or field not in row:
+                raise _missing_field(f"{path} line {n}", field, row if isinstance(row, dict) else [])
+            if row[field] is not None:
+                yield row[field]
+
+
+def _read_arrow_batches(path, field, batches, schema):
+    if field not in schema.names:
+        raise _missing_field(path, field, schema.names)
+    for batch in batches:
+        yield from (t for t in batch.column(field).to_pylist() if t is not None)
+
+
+def _read_table(path, field):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    if path.name.endswith(".parquet"):
+        pf = pq.ParquetFile(path)  # one row group at a time: memory stays flat
+        cols = [field] if field in pf.schema_arrow.names else None
+        yield from _read_arrow_batches(path, field, pf.iter_batches(batch_size=1024, columns=cols), pf.schema_arrow)
+        return
+    with pa.memory_map(str(path)) as src:
+        try:  # Hugging Face datasets cache files are Arrow IPC *stream* files
+            reader = pa.ipc.open_stream(src)
+            yield from _read_arrow_batches(path, field, reader, reader.schema)
+        except pa.ArrowInvalid:
+            src.seek(0)
+            reader = pa.ipc.open_file(src)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            yield from _read_arrow_batches(path, field, batches, reader.schema)
+
+
+def iter_texts(paths, text_field="text", max_chars=None, chunk_chars=None):
+    """Yield documents (str) from files, streaming; stop after max_chars characters in total.
+    chunk_chars: cut .txt files into pieces of about this size (training does not need whole documents)."""
+    left = float("inf") if max_chars is None else max_chars
+    for path in map(Path, paths):
+        if path.name.endswith(".txt"):
+            texts = _read_txt(path, chunk_chars)
+        elif path.name.endswith(JSONL_SUFFIXES):
+            texts = _read_jsonl(path, text_field)
+        elif path.name.endswith((".parquet", ".arrow")):
+            texts = _read_table(path, text_field)
+        else:
+            raise ValueError(f"{path}: unknown file type, use one of {', '.join(SUFFIXES)}")
+        for text in texts:
+            if not isinstance(text, str):
+                raise ValueError(f"{path}: field {text_field!r} holds {type(text).__name__}, not text")
+            if len(text) >= left:
+                yield text[:left]
+                return
+            left -= len(text)
+            yield text
+
+
+def parse_weighted(spec):
+    """'a:0.7,b:0.3' or ['a:2', 'b'] -> [(name, weight)]; a suffix counts as a weight only if it is a number."""
+    out = []
+    for item in map(str, spec.split(",") if isinstance(spec, str) else spec):
+        name, _, w = item.rpartition(":")
+        try:
+            out.append((name, float(w)) if name else (item, 1.0))
+        except ValueError:
+            out.append((item, 1.0))
+    if any(w <= 0 for _, w in out):
+        raise ValueError(f"weights in {spec!r} must be positive")
+    return out
+
+
+def iter_records(path):
+    """The records of a JSON-lines, JSON-list (.json starting with '[', as alpaca_data.json) or parquet file;
+    a JSON line that does not parse yields None, so the caller can count it."""
+    path = Path(path)
+    if path.name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+        return
+    if path.name.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            head = f.read(4096).lstrip()
+        if head.startswith("["):
+            yield from json.loads(path.read_text(encoding="utf-8"))
+            return
+    import pyarrow as pa
+    with pa.input_stream(str(path), compression="detect") as raw:
+        for line in io.TextIOWrapper(raw, encoding="utf-8", newline="\n"):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    yield None
