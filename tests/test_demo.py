@@ -118,7 +118,6 @@ def test_demo_pipeline_end_to_end(tmp_path):
 
     # Generation stops at the end-of-turn token, well before the budget runs out.
     import torch
-    import checkpoint
     model, tokenizer, _ = checkpoint.load_model(checkpoint.find_checkpoint(sft))
     for q in ["Where does Anna Stone live?", "What is two plus three?"]:
         prompt = torch.tensor([tokenizer.render_prompt([{"role": "user", "content": q}])])
