@@ -1,5 +1,6 @@
-"""bpe.py: lossless round trips, special-token safety, chat masks, Hugging Face parity, readers, determinism."""
-import gzip
+"""bpe.py: lossless round trips, special-token safety, chat masks, Hugging Face parity,
+determinism, the command line."""
+import hashlib
 import json
 import random
 import re
@@ -8,8 +9,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -17,18 +16,21 @@ import bpe
 import readers
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("the quick brown fox jumps over lazy dog and then it's gone, isn't it? We'll see: 42 apples cost $3.50 "
-         "def main(): return x + 1  # comment\n\tindent Zürich naïve café 東京 日本語 Привет мир 🙂 🚀 e\u0301").split(" ")
+WORDS = ("the quick brown fox jumps over lazy dog and then it's gone, isn't it? We'll see: 42 "
+         "apples cost $3.50 def main(): return x + 1  # comment\n\tindent Zürich naïve café 東京 "
+         "日本語 Привет мир 🙂 🚀 e\u0301").split(" ")
 # Every edge case we care about, mixed into hypothesis strings so they appear often, not by luck.
-PIECES = [*bpe.SPECIAL_TOKENS, "<|", "|>", " " * 40, "\n\n\n", "\r\n", "\t \t", "\x00", "\x1b[0m", "\u200b",
-          "e\u0301\u0308", "👩\u200d👩\u200d👧", "🇫🇷", "中文字符", "ﷺ", "\U0010ffff", "\ufeff"]
+PIECES = [*bpe.SPECIAL_TOKENS, "<|", "|>", " " * 40, "\n\n\n", "\r\n", "\t \t", "\x00", "\x1b[0m",
+          "\u200b", "e\u0301\u0308", "👩\u200d👩\u200d👧", "🇫🇷", "中文字符", "ﷺ", "\U0010ffff", "\ufeff"]
 
 
 def corpus_text():
     rng = random.Random(0)
-    made_up = ["".join(rng.choice("bcdfgklmnprstvz") + rng.choice("aeiouy") for _ in range(rng.randint(1, 4)))
-               for _ in range(2000)]  # enough distinct words for hundreds of merges
-    lines = [" ".join(rng.choice(WORDS + made_up) for _ in range(rng.randint(3, 20))) for _ in range(3000)]
+    # enough distinct words for hundreds of merges
+    made_up = ["".join(rng.choice("bcdfgklmnprstvz") + rng.choice("aeiouy")
+                       for _ in range(rng.randint(1, 4))) for _ in range(2000)]
+    lines = [" ".join(rng.choice(WORDS + made_up) for _ in range(rng.randint(3, 20)))
+             for _ in range(3000)]
     return "\n".join(lines) + "\n"
 
 
@@ -57,13 +59,15 @@ text_strategy = st.lists(st.one_of(st.text(), st.sampled_from(PIECES)), max_size
 def test_round_trip_any_unicode(tok, tok_bytes, s):
     ids = tok.encode(s)
     assert tok.decode(ids) == s
-    assert not set(ids) & set(range(len(bpe.SPECIAL_TOKENS)))  # plain text never yields a special token
+    # plain text never yields a special token
+    assert not set(ids) & set(range(len(bpe.SPECIAL_TOKENS)))
     assert tok_bytes[ids].sum() == len(s.encode("utf-8"))
     assert tok.encode_batch([s, s]) == [ids, ids]
 
 
 def test_round_trip_real_files(tok, shared_data):
-    files = sorted((shared_data / "gutenberg").glob("*.txt")) + [shared_data / "tinyshakespeare.txt"]
+    files = sorted((shared_data / "gutenberg").glob("*.txt"))
+    files.append(shared_data / "tinyshakespeare.txt")
     texts = [f.read_bytes().decode("utf-8") for f in files if f.is_file()]  # \r\n kept as is
     assert len(texts) >= 2
     nbytes = tok.token_bytes()
@@ -75,8 +79,10 @@ def test_round_trip_real_files(tok, shared_data):
 def test_token_bytes_of_single_tokens(tok):
     nbytes = tok.token_bytes()
     assert nbytes.shape == (tok.vocab_size,) and nbytes.dtype == np.int32
-    assert (nbytes[:len(bpe.SPECIAL_TOKENS)] == 0).all() and (nbytes[len(bpe.SPECIAL_TOKENS):] > 0).all()
-    # every token that decodes to whole characters on its own: its UTF-8 length (the rest is covered by the sums)
+    n_special = len(bpe.SPECIAL_TOKENS)
+    assert (nbytes[:n_special] == 0).all() and (nbytes[n_special:] > 0).all()
+    # every token that decodes to whole characters on its own: its UTF-8 length (the rest is
+    # covered by the sums)
     whole = [(i, tok.decode([i])) for i in range(len(bpe.SPECIAL_TOKENS), tok.vocab_size)]
     whole = [(i, s) for i, s in whole if "\ufffd" not in s]
     assert len(whole) > 300
@@ -94,8 +100,9 @@ def test_special_token_text_is_ordinary(tok, special):
 
 def conversation(rng, n_turns, system, end_with_user=False):
     def say():
-        return rng.choice(["", " ", "Hello!", "  two  spaces ", "line\nbreak\n\n", "数学 🙂", "x <|end|> y",
-                           "<|assistant|>", "What is 17*23?", "It's 391.", "\ttab\r\n", "e\u0301"]) + rng.choice(WORDS)
+        return rng.choice(["", " ", "Hello!", "  two  spaces ", "line\nbreak\n\n", "数学 🙂",
+                           "x <|end|> y", "<|assistant|>", "What is 17*23?", "It's 391.",
+                           "\ttab\r\n", "e\u0301"]) + rng.choice(WORDS)
     msgs = [{"role": "system", "content": say()}] if system else []
     for _ in range(n_turns):
         msgs += [{"role": "user", "content": say()}, {"role": "assistant", "content": say()}]
@@ -111,7 +118,8 @@ def test_mask_covers_exactly_assistant_content_and_end(tok, n_turns, system):
     # the whole rendering, rebuilt from strings
     text = "<|bos|>" + "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in msgs)
     assert tok.decode(ids) == text
-    # each maximal run of 1s is one assistant reply followed by <|end|>, in order, right after <|assistant|>
+    # each maximal run of 1s is one assistant reply followed by <|end|>, in order, right after
+    # <|assistant|>
     runs, start = [], None
     for i, m in enumerate(mask + [0]):
         if m and start is None:
@@ -138,10 +146,13 @@ def test_render_prompt(tok):
     ([], "non-empty list"),
     ("hi", "non-empty list"),
     ([{"role": "bot", "content": "x"}], "message 0: role must be one of"),
-    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "message 1: expected assistant"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+     "message 1: expected assistant"),
     ([{"role": "assistant", "content": "a"}], "message 0: expected system or user"),
-    ([{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}], "message 1: expected user"),
-    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "system", "content": "s"}],
+    ([{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}],
+     "message 1: expected user"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+      {"role": "system", "content": "s"}],
      "message 2: expected user but got system"),
     ([{"role": "user", "content": 3}], "message 0: content must be a string, got int"),
     ([{"role": "user"}], "message 0: content must be a string"),
@@ -154,7 +165,7 @@ def test_malformed_conversations(tok, msgs, error):
 
 
 def test_render_prompt_needs_user_last(tok):
-    with pytest.raises(ValueError, match="message 1: the conversation must end with a user message"):
+    with pytest.raises(ValueError, match="message 1: the conversation must end with a user"):
         tok.render_prompt([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
 
 
@@ -165,15 +176,17 @@ def test_hugging_face_chat_template_matches(tok, tmp_path):
     hf_file = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"),
                                                    bos_token="<|bos|>", eos_token="<|end|>",
                                                    chat_template=bpe.CHAT_TEMPLATE)
-    assert hf_auto.bos_token == "<|bos|>" and hf_auto.eos_token == "<|end|>" and hf_auto.model_max_length == 2048
+    assert hf_auto.bos_token == "<|bos|>" and hf_auto.eos_token == "<|end|>"
+    assert hf_auto.model_max_length == 2048
     rng, checked = random.Random(0), 0
     for n in range(24):
         msgs = conversation(rng, 1 + n % 4, system=n % 3 == 0, end_with_user=n % 2 == 1)
-        msgs = [{**m, "content": m["content"].replace("<|", "<")} for m in msgs]  # HF would parse markers
+        # Hugging Face would parse the markers
+        msgs = [{**m, "content": m["content"].replace("<|", "<")} for m in msgs]
         for hf in (hf_auto, hf_file):
             if msgs[-1]["role"] == "user":
-                assert hf.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False) == \
-                    tok.render_prompt(msgs)
+                got = hf.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False)
+                assert got == tok.render_prompt(msgs)
             ids, mask = tok.render_chat(msgs)
             out = hf.apply_chat_template(msgs, return_dict=True, return_assistant_tokens_mask=True)
             assert out["input_ids"] == ids and out["assistant_masks"] == mask
@@ -184,101 +197,64 @@ def test_hugging_face_chat_template_matches(tok, tmp_path):
 
 def test_same_inputs_give_identical_file(tok, corpus, tmp_path):
     # a second training run, through the command line, must write the very same bytes
-    subprocess.run([sys.executable, str(ROOT / "bpe.py"), "--input", str(corpus), "--vocab_size", "600",
-                    "--out", str(tmp_path)], check=True, capture_output=True)
+    subprocess.run([sys.executable, str(ROOT / "bpe.py"), "--input", str(corpus),
+                    "--vocab_size", "600", "--out", str(tmp_path)], check=True, capture_output=True)
     assert (tmp_path / "tokenizer.json").read_bytes() == tok.data
     meta = json.loads((tmp_path / "bpe.json").read_text())
     assert meta["vocab_size"] == 600 and meta["special_tokens"] == bpe.SPECIAL_TOKENS
-    assert meta["inputs"] == [{"path": str(corpus), "sha256": __import__("hashlib").sha256(corpus.read_bytes())
-                               .hexdigest()}]
+    sha256 = hashlib.sha256(corpus.read_bytes()).hexdigest()
+    assert meta["inputs"] == [{"path": str(corpus), "sha256": sha256}]
     assert bpe.Tokenizer.load(tmp_path).hash == tok.hash
 
 
 def test_too_large_vocab_refused_before_any_work(tmp_path):
     out = tmp_path / "out"
-    # the input does not exist: a vocab error (not a missing-file error) proves the check comes first
+    # the input does not exist: a vocab error (not a missing-file error) proves the check comes
+    # first
     with pytest.raises(ValueError, match="vocab_size 65537 .* uint16"):
         bpe.train([str(tmp_path / "missing.txt")], 65537, out)
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         bpe.train([str(tmp_path / "missing.txt")], 65536, out)
-    r = subprocess.run([sys.executable, str(ROOT / "bpe.py"), "--input", "nope", "--vocab_size", "100000",
-                        "--out", str(out)], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.startswith("error: vocab_size 100000") and r.stderr.count("\n") == 1
+    cmd = [sys.executable, str(ROOT / "bpe.py"), "--input", "nope", "--vocab_size", "100000",
+           "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: vocab_size 100000")
+    assert r.stderr.count("\n") == 1
     assert not out.exists()
 
 
-DOCS = ["first doc\nwith lines\r\n", "ünïcödé 🙂 日本", "", "x" * 3000, '{"json": "inside"}\n\n']
+def test_too_small_vocab_refused(tmp_path):
+    with pytest.raises(ValueError, match="vocab_size 200 is too small: use at least 262"):
+        bpe.train([str(tmp_path / "missing.txt")], 200, tmp_path / "out")
 
 
-def write_all_formats(folder):
-    """The same documents in every supported format; returns {name: path}."""
-    folder.mkdir()
-    rows = "".join(json.dumps({"id": i, "body": d}) + "\n" for i, d in enumerate(DOCS))
-    paths = {f: folder / f"docs.{f}" for f in ("jsonl", "jsonl.gz", "jsonl.zst", "json.gz", "parquet", "arrow",
-                                               "ipc.arrow")}
-    paths["jsonl"].write_text(rows, encoding="utf-8")
-    for name in ("jsonl.gz", "json.gz"):   # .json.gz: JSON lines named the way C4 names them
-        with gzip.open(paths[name], "wt", encoding="utf-8") as f:
-            f.write(rows)
-    with pa.CompressedOutputStream(str(paths["jsonl.zst"]), "zstd") as f:
-        f.write(rows.encode())
-    table = pa.table({"id": list(range(len(DOCS))), "body": DOCS})
-    pq.write_table(table, paths["parquet"], row_group_size=2)  # several row groups
-    with pa.ipc.new_stream(str(paths["arrow"]), table.schema) as w:  # how Hugging Face datasets caches
-        for batch in table.to_batches(max_chunksize=2):
-            w.write_batch(batch)
-    with pa.ipc.new_file(str(paths["ipc.arrow"]), table.schema) as w:
-        w.write_table(table)
-    for i, d in enumerate(DOCS):
-        (folder / "txt").mkdir(exist_ok=True)
-        (folder / "txt" / f"{i:02d}.txt").write_bytes(d.encode())
-    return paths
+@pytest.mark.parametrize("missing", ["--input", "--vocab_size", "--out"])
+def test_command_line_names_a_missing_option(tmp_path, missing):
+    given = {"--input": "x.txt", "--vocab_size": "300", "--out": str(tmp_path / "out")}
+    argv = [part for key, value in given.items() if key != missing for part in (key, value)]
+    with pytest.raises(ValueError, match=f"give {missing}"):
+        bpe.main(argv)
 
 
-def test_every_format_yields_the_same_texts(tmp_path):
-    paths = write_all_formats(tmp_path / "docs")
-    for name, path in paths.items():
-        assert list(readers.iter_texts([path], text_field="body")) == DOCS, name
-    txts = readers.find_files([str(tmp_path / "docs" / "txt")])
-    assert list(readers.iter_texts(txts)) == DOCS
-    assert readers.find_files([str(tmp_path / "docs" / "*.jsonl*")]) == [paths[k] for k in ("jsonl", "jsonl.gz",
-                                                                                          "jsonl.zst")]
-    # a folder is searched recursively, sorted, keeping only the known suffixes
-    assert len(readers.find_files([str(tmp_path / "docs")])) == len(paths) + len(DOCS)
-    # invalid UTF-8 in a .txt becomes U+FFFD (as in data.py's shards), not a crash
-    (tmp_path / "bad.txt").write_bytes(b"caf\xe9 ok")
-    assert list(readers.iter_texts([tmp_path / "bad.txt"])) == ["caf\ufffd ok"]
-    # max_chars cuts the stream at exactly that many characters
-    whole = "".join(DOCS)
-    assert "".join(readers.iter_texts([paths["parquet"]], "body", max_chars=40)) == whole[:40]
-
-
-@pytest.mark.parametrize("name", ["jsonl", "jsonl.zst", "parquet", "arrow", "ipc.arrow"])
-def test_missing_text_field_names_file_and_fields(tmp_path, name):
-    path = write_all_formats(tmp_path / "docs")[name]
-    with pytest.raises(ValueError, match=rf"{path.name}.* no field 'text' .*'body'.*--text_field"):
-        list(readers.iter_texts([path]))
-
-
-def test_missing_input_and_unknown_suffix(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing_here"):
-        readers.find_files([str(tmp_path / "nothing_here*.txt")])
-    (tmp_path / "a.csv").write_text("x")
-    with pytest.raises(ValueError, match="unknown file type"):
-        list(readers.iter_texts(readers.find_files([str(tmp_path / "a.csv")])))
+def test_command_line_takes_key_equals_value(tok, corpus, tmp_path):
+    bpe.main([f"--input={corpus}", "--vocab_size=600", f"--out={tmp_path}"])
+    assert (tmp_path / "tokenizer.json").read_bytes() == tok.data
 
 
 def test_txt_chunks_pre_tokenize_like_the_whole_file(tok, tmp_path):
     rng = random.Random(0)  # many newline/space runs, so chunk boundaries land inside them
-    whole = "".join(rng.choice(WORDS) + rng.choice(["\n", "\n\n", "\n  ", " \n\n\t", "\r\n", " "]) for _ in range(800))
+    ends = ["\n", "\n\n", "\n  ", " \n\n\t", "\r\n", " "]
+    whole = "".join(rng.choice(WORDS) + rng.choice(ends) for _ in range(800))
     path = tmp_path / "chunked.txt"
     path.write_bytes(whole.encode())
     pre_tokenize = tok.tok.pre_tokenizer.pre_tokenize_str
-    longest_line = max(map(len, re.split(r"\n(?=\S)", whole)))  # cuts are exact below 8 x chunk_chars
+    # cuts are exact below 8 x chunk_chars
+    longest_line = max(map(len, re.split(r"\n(?=\S)", whole)))
     for chunk_chars in range(longest_line // 8 + 1, longest_line // 8 + 40, 3):
         chunks = list(readers.iter_texts([path], chunk_chars=chunk_chars))
         assert len(chunks) > 20 and "".join(chunks) == whole
-        assert [p for c in chunks for p, _ in pre_tokenize(c)] == [p for p, _ in pre_tokenize(whole)]
+        pieces = [p for c in chunks for p, _ in pre_tokenize(c)]
+        assert pieces == [p for p, _ in pre_tokenize(whole)]
     path.write_text("no newline at all " * 200)  # no safe cut: pieces stay bounded, text intact
     chunks = list(readers.iter_texts([path], chunk_chars=50))
     assert "".join(chunks) == path.read_text() and max(map(len, chunks)) <= 9 * 50
@@ -303,13 +279,15 @@ def test_foreign_hf_tokenizer(tmp_path):
     t = tokenizers.Tokenizer(tokenizers.models.BPE())
     t.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False,
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                             show_progress=False, initial_alphabet=alphabet)
     t.train_from_iterator([corpus_text()[:5000]], trainer)
     t.save(str(tmp_path / "tokenizer.json"))
     bare = bpe.Tokenizer.load(tmp_path)
     assert bare.bos_id is None and bare.eot_id is None
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>"}}))
+    cfg = {"bos_token": "<s>", "eos_token": {"content": "</s>"}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
     hf = bpe.Tokenizer.load(tmp_path)
     assert (hf.bos_id, hf.eot_id) == (0, 1)
     assert hf.encode("<s>hi</s>")[0] != 0 and hf.decode(hf.encode("<s>hi</s>")) == "<s>hi</s>"
