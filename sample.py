@@ -1,40 +1,49 @@
 """Talk to a trained model: plain completion, a terminal chat, or a Gradio chat in the browser.
 
-Completion (streamed to stdout; the default checkpoint is the newest SFT run under out/, else the newest pretrain):
+Completion (streamed to stdout; the default checkpoint is the newest SFT run under out/, else the
+newest pretraining run):
     python sample.py --prompt "Once upon a time" --max_new_tokens 200 --temperature 0.8 --top_k 50
     python sample.py --ckpt out/demo --prompt "The" --num_samples 3 --seed 0
 Terminal chat (multi-turn, through the same chat template as SFT; /reset clears it, /exit quits):
     python sample.py --ckpt out/sft --chat --system "You are a helpful assistant."
-Browser chat (listens on 127.0.0.1 only; --host 0.0.0.0 to open it to the network, --share for a public link):
+Browser chat (listens on 127.0.0.1 only; --host 0.0.0.0 opens it to the network, --share makes a
+public link):
     python sample.py --gradio --port 7860
-Faster tokens after a one-time compile (torch.compile of the one-token decode step; any mode above):
+Faster tokens after a one-time compile (torch.compile of the one-token decode step; any mode):
     python sample.py --gradio --compile
 Exported Hugging Face directories work everywhere a kiln checkpoint does:
     python sample.py --ckpt out/hf/demo --chat
+Options are --key value or --key=value; --help lists them all.
 """
-import argparse
 import sys
+from dataclasses import dataclass
 
 import torch
 
 import checkpoint
 import common
+import config
+import generate
 
 
-def generate_ids(model, prompt_ids, max_new_tokens, temperature=0.8, top_k=None, top_p=None, seed=None,
-                 stop_ids=()):
-    """Token ids (ints) continuing prompt_ids, one per step, from llm.generate with its KV cache; stops before
-    a stop id. Clamps max_new_tokens to the room left in the context."""
+def generate_ids(model, prompt_ids, max_new_tokens, temperature=0.8, top_k=None, top_p=None,
+                 seed=None, stop_ids=()):
+    """Token ids (ints) continuing prompt_ids, one per step, from generate.generate with its KV
+    cache; stops before a stop id. Clamps max_new_tokens to the room left in the context. top_k 0
+    and top_p 1 mean off."""
     room = model.config.max_seq_len - len(prompt_ids)
     if room < 1:
         raise ValueError(f"the prompt has {len(prompt_ids)} tokens but the model's context is "
                          f"{model.config.max_seq_len}; use a shorter prompt")
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=next(model.parameters()).device)  # (1, T)
-    steps = model.generate(idx, min(max_new_tokens, room), temperature=temperature, top_k=top_k or None,
-                           top_p=top_p if top_p and top_p < 1 else None, seed=seed, stop_ids=stop_ids)
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)                 # (1, T)
+    steps = generate.generate(model, idx, min(max_new_tokens, room), temperature=temperature,
+                              top_k=top_k or None, top_p=top_p if top_p and top_p < 1 else None,
+                              seed=seed, stop_ids=stop_ids)
     while True:
-        # inference_mode skips autograd's bookkeeping on every op (~10% faster decode on CPU than no_grad).
-        # Entered per step, not around the loop: Gradio may resume this generator on another thread.
+        # inference_mode skips autograd's bookkeeping on every op (~10% faster decode on CPU than
+        # no_grad). Entered per step, not around the loop: Gradio may resume this generator on
+        # another thread.
         with torch.inference_mode():
             tok = next(steps, None)
         if tok is None or int(tok[0]) in stop_ids:
@@ -42,15 +51,17 @@ def generate_ids(model, prompt_ids, max_new_tokens, temperature=0.8, top_k=None,
         yield int(tok[0])
 
 
-def stream_text(model, tokenizer, prompt_ids, max_new_tokens=256, temperature=0.8, top_k=None, top_p=None,
-                seed=None):
+def stream_text(model, tokenizer, prompt_ids, max_new_tokens=256, temperature=0.8, top_k=None,
+                top_p=None, seed=None):
     """Generate a continuation of prompt_ids and yield it as text, piece by piece.
 
-    Stops at <|end|> or <|bos|> (the end of a reply or of a document). The pieces joined are exactly
-    tokenizer.decode(generated ids): we decode the whole list each step and yield the new suffix, holding it
-    back while it ends in U+FFFD, i.e. while a multi-byte UTF-8 character is split across tokens.
+    Stops at <|end|> or <|bos|> (the end of a reply or of a document). The pieces joined are
+    exactly tokenizer.decode(generated ids): we decode the whole list each step and yield the new
+    suffix, holding it back while it ends in U+FFFD, i.e. while a multi-byte UTF-8 character is
+    split across tokens.
     """
-    ids, shown = [], ""
+    ids = []
+    shown = ""
     for tok in generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed,
                             stop_ids=(tokenizer.eot_id, tokenizer.bos_id)):
         ids.append(tok)
@@ -65,7 +76,8 @@ def stream_text(model, tokenizer, prompt_ids, max_new_tokens=256, temperature=0.
 
 
 def fit_history(tokenizer, messages, max_tokens):
-    """Render a conversation (ending in a user turn) as a generation prompt of at most max_tokens tokens.
+    """Render a conversation (ending in a user turn) as a generation prompt of at most max_tokens
+    tokens.
 
     Drops the oldest turns first, a whole user+assistant pair at a time, and always keeps a leading
     system message and the last user turn. Returns (prompt ids, the messages kept).
@@ -77,8 +89,9 @@ def fit_history(tokenizer, messages, max_tokens):
         if len(ids) <= max_tokens:
             return ids, system + turns
         if len(turns) <= 1:
-            raise ValueError(f"the last message needs {len(ids)} prompt tokens but only {max_tokens} fit beside "
-                             f"the reply; send a shorter message or lower max_new_tokens")
+            raise ValueError(f"the last message needs {len(ids)} prompt tokens but only "
+                             f"{max_tokens} fit beside the reply; send a shorter message or lower "
+                             "max_new_tokens")
         turns = turns[2 if turns[1]["role"] == "assistant" else 1:]
 
 
@@ -87,8 +100,8 @@ def complete(model, tokenizer, args):
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i  # distinct but reproducible samples
         print(args.prompt, end="", flush=True)
-        for piece in stream_text(model, tokenizer, prompt_ids, args.max_new_tokens, args.temperature,
-                                 args.top_k, args.top_p, seed):
+        for piece in stream_text(model, tokenizer, prompt_ids, args.max_new_tokens,
+                                 args.temperature, args.top_k, args.top_p, seed):
             print(piece, end="", flush=True)
         print("\n" + "-" * 40 if i < args.num_samples - 1 else "")
 
@@ -110,7 +123,8 @@ def chat_terminal(model, tokenizer, args):
             print("(conversation cleared)", file=sys.stderr)
             continue
         try:
-            ids, kept = fit_history(tokenizer, messages + [{"role": "user", "content": user}], budget)
+            asked = messages + [{"role": "user", "content": user}]
+            ids, kept = fit_history(tokenizer, asked, budget)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             continue
@@ -120,9 +134,10 @@ def chat_terminal(model, tokenizer, args):
         print("bot> ", end="", flush=True)
         reply = ""
         try:
-            seed = None if args.seed is None else args.seed + len(kept)  # reproducible, but not the same each turn
-            for piece in stream_text(model, tokenizer, ids, args.max_new_tokens, args.temperature, args.top_k,
-                                     args.top_p, seed):
+            # Reproducible, but not the same seed each turn.
+            seed = None if args.seed is None else args.seed + len(kept)
+            for piece in stream_text(model, tokenizer, ids, args.max_new_tokens, args.temperature,
+                                     args.top_k, args.top_p, seed):
                 reply += piece
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:  # stop this reply, keep the conversation
@@ -132,32 +147,36 @@ def chat_terminal(model, tokenizer, args):
 
 
 def message_text(content):
-    """Gradio hands history content over as a str (API calls) or a list of {"type": "text", ...} parts."""
+    """Gradio hands history content over as a str (API calls) or a list of {"type": "text", ...}
+    parts."""
     if isinstance(content, str):
         return content
     return "".join(part.get("text", "") for part in content if isinstance(part, dict))
 
 
-def build_app(model, tokenizer, system="", max_new_tokens=256, temperature=0.8, top_k=50, top_p=0.95,
-              prompt_log=None):
-    """A Gradio ChatInterface; every prompt it builds is appended to prompt_log (a list) when one is given."""
+def build_app(model, tokenizer, system="", max_new_tokens=256, temperature=0.8, top_k=50,
+              top_p=0.95, prompt_log=None):
+    """A Gradio ChatInterface; every prompt it builds is appended to prompt_log (a list) when one
+    is given."""
     import gradio as gr
+    context = model.config.max_seq_len
 
     def respond(message, history, system, temperature, top_k, top_p, max_new_tokens):
         messages = [{"role": "system", "content": system}] if system.strip() else []
         messages += [{"role": m["role"], "content": message_text(m["content"])} for m in history]
         messages.append({"role": "user", "content": message})
         try:
-            ids, kept = fit_history(tokenizer, messages, model.config.max_seq_len - int(max_new_tokens))
+            ids, kept = fit_history(tokenizer, messages, context - int(max_new_tokens))
         except ValueError as e:
             raise gr.Error(str(e)) from None
         if len(kept) < len(messages):
-            gr.Info(f"The conversation is longer than the {model.config.max_seq_len}-token context: the model no "
-                    f"longer sees the {len(messages) - len(kept)} oldest messages.")
+            gr.Info(f"The conversation is longer than the {context}-token context: the model "
+                    f"no longer sees the {len(messages) - len(kept)} oldest messages.")
         if prompt_log is not None:
             prompt_log.append(ids)
         reply = ""
-        for piece in stream_text(model, tokenizer, ids, int(max_new_tokens), temperature, int(top_k), top_p):
+        for piece in stream_text(model, tokenizer, ids, int(max_new_tokens), temperature,
+                                 int(top_k), top_p):
             reply += piece
             yield reply
 
@@ -168,33 +187,35 @@ def build_app(model, tokenizer, system="", max_new_tokens=256, temperature=0.8, 
             gr.Slider(0.0, 2.0, temperature, step=0.05, label="Temperature (0 = greedy)"),
             gr.Slider(0, 200, top_k, step=1, label="Top-k (0 = off)"),
             gr.Slider(0.05, 1.0, top_p, step=0.05, label="Top-p (1 = off)"),
-            gr.Slider(1, model.config.max_seq_len // 2, min(max_new_tokens, model.config.max_seq_len // 2), step=1,
+            gr.Slider(1, context // 2, min(max_new_tokens, context // 2), step=1,
                       label="Max new tokens"),
         ],
         additional_inputs_accordion=gr.Accordion("Settings", open=True),
     )
 
 
+@dataclass
+class Args:
+    ckpt: str | None = None       # checkpoint dir, run dir or exported HF dir (default: newest)
+    prompt: str | None = None     # text to continue (plain completion)
+    chat: bool = False            # terminal chat
+    gradio: bool = False          # browser chat
+    system: str = ""              # system prompt for --chat / --gradio
+    max_new_tokens: int = 256
+    temperature: float = 0.8      # 0 = greedy
+    top_k: int = 50               # 0 = off
+    top_p: float = 0.95           # 1 = off
+    seed: int | None = None
+    num_samples: int = 1
+    device: str = "auto"
+    compile: bool = False         # compile the decode step: ~10-60 s once, then ~1.3x faster on CPU
+    host: str = "127.0.0.1"
+    port: int = 7860
+    share: bool = False           # make a public gradio.live link
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="checkpoint dir, run dir or exported HF dir (default: newest under out/)")
-    p.add_argument("--prompt", help="text to continue (plain completion)")
-    p.add_argument("--chat", action="store_true", help="terminal chat")
-    p.add_argument("--gradio", action="store_true", help="browser chat")
-    p.add_argument("--system", default="", help="system prompt for --chat / --gradio")
-    p.add_argument("--max_new_tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top_k", type=int, default=50, help="0 = off")
-    p.add_argument("--top_p", type=float, default=0.95, help="1 = off")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: ~10-60 s once at start, then faster tokens (~1.3x on CPU)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--share", action="store_true", help="make a public gradio.live link")
-    args = p.parse_args(argv)
+    args = config.parse_args(Args(), argv, doc=__doc__)
     if (args.prompt is not None) + args.chat + args.gradio != 1:
         raise ValueError("give exactly one of --prompt TEXT, --chat or --gradio")
     if args.max_new_tokens < 1 or args.num_samples < 1:
@@ -202,12 +223,15 @@ def main(argv=None):
     path = checkpoint.find_checkpoint(args.ckpt)
     model, tokenizer, _ = checkpoint.load_model(path, device=common.pick_device(args.device))
     if tokenizer is None:
-        raise ValueError(f"{path} has no tokenizer.json; export it again with export_hf.py or pass a kiln checkpoint")
+        raise ValueError(f"{path} has no tokenizer.json; export it again with export_hf.py or "
+                         "pass a kiln checkpoint")
     print(f"loaded {path} ({model.num_params():,} parameters)", file=sys.stderr)
     if args.compile:
-        # Compile now, on a two-token warm-up, so that the first reply does not stall (Gradio would time it out).
-        print("compiling the decode step (once; torch caches it on disk for the next start)...", file=sys.stderr)
-        model.compile_decode()
+        # Compile now, on a two-token warm-up, so that the first reply does not stall (Gradio
+        # would time it out).
+        print("compiling the decode step (once; torch caches it on disk for the next start)...",
+              file=sys.stderr)
+        generate.compile_decode(model)
         for _ in generate_ids(model, [tokenizer.bos_id], 2, temperature=0):
             pass
     if args.prompt is not None:
@@ -215,7 +239,8 @@ def main(argv=None):
     elif args.chat:
         chat_terminal(model, tokenizer, args)
     else:
-        app = build_app(model, tokenizer, args.system, args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        app = build_app(model, tokenizer, args.system, args.max_new_tokens, args.temperature,
+                        args.top_k, args.top_p)
         app.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
 
 

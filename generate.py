@@ -1,0 +1,201 @@
+"""Generation for llm.LLM: KV cache, sampling, the token loop and decode compilation.
+
+    import generate
+    for tok in generate.generate(model, idx, 20, temperature=0):  # idx (B, T); tok (B,) per step
+        ...
+    generate.compile_decode(model)   # later calls run their one-token steps compiled
+
+Middle floor: imports llm and torch only. Like nanochat's engine.py it knows nothing of tokenizers.
+Like gpt-fast's, the KV cache sits inside attention (llm.Attention.kv_cache); here it is set on a
+decode copy of the model that each generate call makes, so the model never holds one, and that copy
+runs llm.py's one forward with the CPU decode tricks below (InOutMatmul, RopeTable).
+"""
+import functools
+
+import torch
+import torch.nn as nn
+
+from llm import LLM, Attention, rope_cos_sin
+
+
+class KVCache:
+    """One layer's keys and values for one generate call, preallocated: prefill writes the prompt's
+    positions, each decode step one more, and attention reads every position written so far."""
+
+    def __init__(self, shape, device, dtype):
+        self.k = torch.zeros(shape, device=device, dtype=dtype)                  # (B, KV, max, hd)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)                  # (B, KV, max, hd)
+
+    def update(self, start, k, v):
+        """Store k, v (B, KV, T, hd) at positions start..start+T-1; return positions 0..start+T-1.
+        The position comes from the caller, not a count kept here: torch.compile takes an int
+        kept on a module for a constant and would compile once per position."""
+        T = k.shape[2]
+        end = start + T
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions but {end} were "
+                             "requested.")
+        self.k.narrow(2, start, T).copy_(k)
+        self.v.narrow(2, start, T).copy_(v)
+        return self.k.narrow(2, 0, end), self.v.narrow(2, 0, end)               # (B, KV, end, hd)
+
+
+class InOutMatmul:
+    """The matmul of an nn.Linear, or of several side by side, for generation: x @ w with w their
+    weights stacked and transposed to (in, out).
+
+    A one-token step on CPU is bound by per-op overhead and by reading every weight once per token:
+    one matmul does the work of three, and MKL streams an (in, out) matrix ~1.3x faster than
+    F.linear reads an (out, in) one (decode +13% end to end, BENCHMARKS.md). w is made at first use
+    in each generate call, so an optimizer step between two calls reaches the next one, and under
+    FSDP the weights are read after the block's hook has gathered them. It costs a second copy of
+    the matmul weights while generating (4.2 GB for the 1b preset in float32), which is why
+    training keeps nn.Linear. A plain object, not an nn.Module: no hook dispatch per call (1.3 us,
+    2% of a decode step)."""
+
+    def __init__(self, *linears):
+        self.linears = linears
+        self.weight_t = None
+
+    def __call__(self, x):
+        if self.weight_t is None:
+            weights = [linear.weight for linear in self.linears]
+            self.weight_t = torch.cat(weights).t().contiguous()           # (in, sum of out)
+        return x @ self.weight_t
+
+
+class RopeTable:
+    """LLM.rope for generation: cos/sin of every position the model takes, computed once per
+    generate call and rounded to the cache's dtype once (as apply_rope would round them per step).
+    A step reads its rows instead of computing ~15 small ops, 2% of a decode step on CPU."""
+
+    def __init__(self, config, device, dtype):
+        pos = torch.arange(config.max_seq_len, device=device)[None]             # (1, max_seq_len)
+        cos, sin = rope_cos_sin(pos, config.head_dim, config.rope_theta)       # (1, 1, max, hd)
+        self.cos = cos[0, 0].to(dtype)                                           # (max, hd)
+        self.sin = sin[0, 0].to(dtype)                                           # (max, hd)
+
+    def __call__(self, pos):
+        return self.cos[pos][:, None], self.sin[pos][:, None]   # pos (B, T) -> (B, 1, T, hd) each
+
+
+def decode_copy(module):
+    """module's tree for one generate call: new module objects (for KV caches that the model never
+    sees) around the same parameters; each nn.Linear becomes an InOutMatmul of it, and attention
+    projects q, k and v with one InOutMatmul of the three (in place of Attention.project_qkv)."""
+    # A new object of module's class sharing its parameters, buffers and hooks (copy.copy's way,
+    # without calling the class: FSDP's module classes would run __init__ again).
+    twin = object.__new__(type(module))
+    vars(twin).update(vars(module))
+    twin._modules = {}           # a dict of children of its own
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(twin, name, InOutMatmul(child))   # not a module: a plain attribute
+        else:
+            setattr(twin, name, decode_copy(child))
+    if isinstance(module, Attention):   # an instance attribute, found before the method
+        twin.project_qkv = InOutMatmul(module.q_proj, module.k_proj, module.v_proj)
+    return twin
+
+
+def with_kv_cache(model, batch_size, max_len):
+    """A decode copy of model (decode_copy) whose attention layers hold KV caches for batch_size
+    rows of up to max_len positions, in lm_head's dtype, and whose rope is a RopeTable. Feed it
+    tokens in order, each chunk through hidden(idx, start=the number of tokens fed before)."""
+    twin = decode_copy(model)
+    cfg = model.config
+    shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+    weight = model.lm_head.weight
+    for block in twin.layers:
+        block.self_attn.kv_cache = KVCache(shape, weight.device, weight.dtype)
+    twin.rope = RopeTable(cfg, weight.device, weight.dtype)   # in place of the method LLM.rope
+    return twin
+
+
+@functools.cache
+def compiled_hidden():
+    """torch.compile of LLM.hidden, one for every model: called with the model as an argument, so
+    a copy.deepcopy of a compiled model decodes with its own weights (a compiled bound method would
+    go on calling the original). Dynamic shapes: one graph for every position and prompt length."""
+    return torch.compile(LLM.hidden, dynamic=True)
+
+
+def compile_decode(model):
+    """Run model's one-token decode steps through torch.compile from now on (sample.py --compile),
+    which fuses the ~20 small ops between each layer's matmuls: on CPU they cost about as much as
+    the matmuls themselves. Batch size 1 and larger ones compile once each (torch specializes size
+    1); 10-60 s the first time on 2 CPU cores, then cached on disk by torch. Prefill stays eager:
+    it runs once per call. Returns model."""
+    model.decode_compiled = True   # an attribute, so that copy.deepcopy(model) decodes compiled
+    return model
+
+
+def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):
+    """One token per row from logits (B, V): argmax at temperature 0, else softmax(logits /
+    temperature) restricted to the top_k tokens and to the smallest set whose probability reaches
+    top_p (nucleus)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]                        # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)                   # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token once the mass before it already reaches top_p.
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)                                                    # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)               # (B,)
+
+
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
+             stop_ids=(), use_cache=True):
+    """Continue idx (B, T); a Python generator that yields the next token of every row, (B,), per
+    step. temperature 0 = greedy. seed -> a torch.Generator on idx.device (None: torch's global
+    RNG). Stops when every row has produced a stop id; rows that stopped keep yielding the stop id
+    they produced. use_cache=False runs the whole sequence through the model at every step (a
+    reference for tests). Bad arguments raise here, before the first token is asked for."""
+    if idx.ndim != 2 or idx.shape[1] == 0:
+        raise ValueError(f"generate needs a non-empty (B, T) prompt, got shape "
+                         f"{tuple(idx.shape)}.")
+    if idx.shape[1] + max_new_tokens > model.config.max_seq_len:
+        raise ValueError(f"prompt of {idx.shape[1]} tokens + {max_new_tokens} new tokens exceeds "
+                         f"max_seq_len={model.config.max_seq_len}; shorten the prompt or "
+                         "max_new_tokens.")
+    bad_top_p = top_p is not None and not 0 < top_p <= 1
+    if temperature < 0 or bad_top_p or (top_k is not None and top_k < 1):
+        raise ValueError(f"bad sampling settings temperature={temperature}, top_k={top_k}, "
+                         f"top_p={top_p}; need temperature >= 0, top_k >= 1, 0 < top_p <= 1.")
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=idx.device).manual_seed(seed)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    return _generate(model, idx, max_new_tokens, sampling, stop_ids, use_cache)
+
+
+@torch.no_grad()
+def _generate(model, idx, max_new_tokens, sampling, stop_ids, use_cache):
+    B, T = idx.shape
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=idx.device)
+    done = torch.zeros(B, dtype=torch.bool, device=idx.device)                       # (B,)
+    decode = compiled_hidden() if getattr(model, "decode_compiled", False) else LLM.hidden
+    net = with_kv_cache(model, B, T + max_new_tokens) if use_cache else model
+    h = net.hidden(idx)                                                 # prefill: (B, T, d_model)
+    for step in range(max_new_tokens):
+        logits = net.lm_head(h[:, -1])                                                # (B, V)
+        tok = sample_next(logits.float(), **sampling)                                 # (B,)
+        if len(stops):  # only then: done.all() below costs a GPU sync and a few ops per token
+            tok = torch.where(done, idx[:, -1], tok)   # finished rows repeat the stop id they made
+            done = done | torch.isin(tok, stops)
+        yield tok
+        if step == max_new_tokens - 1 or (len(stops) and bool(done.all())):
+            return
+        if use_cache:  # the caches hold everything before: feed only the new token
+            idx = tok[:, None]                                                        # (B, 1)
+            h = decode(net, idx, start=T + step)
+        else:
+            idx = torch.cat([idx, tok[:, None]], dim=1)                             # (B, T+step+1)
+            h = decode(net, idx)
