@@ -1,13 +1,14 @@
 """Training speed of train.py for a config: tokens/s and MFU with torch.compile off (A) and on (B).
 
-    python bench/train_speed.py --config config/demo.py --steps 6                 # CPU, a few minutes
-    python bench/train_speed.py --config config/pretrain_1b.py --steps 20         # one GPU (bf16; MFU vs its peak)
-    python bench/train_speed.py --config config/pretrain_1b.py --steps 20 -- --batch_size=4   # extra overrides
+    python bench/train_speed.py --config config/demo.py --steps 6            # CPU, a few minutes
+    python bench/train_speed.py --config config/pretrain_1b.py --steps 20    # one GPU: MFU vs peak
+    python bench/train_speed.py --config config/pretrain_1b.py --steps 20 -- --batch_size=4
 
-Each run is the real train.py loop in a fresh process, on random tokens with the config's model, batch and
-vocabulary size; it is stopped (SIGKILL, nothing saved) once it has logged --warmup + --steps steps. Runs
-alternate A B A B ... (--pairs pairs); the report gives each run's median step, the medians per variant, and the
-median of the pairwise B/A speed ratios.
+Each run is the real train.py loop in a fresh process, on random tokens with the config's model,
+batch and vocabulary size (overrides after `--` go to train.py); it is stopped (SIGKILL, nothing
+saved) once it has logged --warmup + --steps steps. Runs alternate A B A B ... (--pairs pairs); the
+report gives each run's median step, the medians per variant, and the median of the pairwise B/A
+speed ratios.
 """
 import argparse
 import json
@@ -24,36 +25,42 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import bpe  # after the sys.path line above: the repo root holds the modules
 import config
-import data
 import llm
+import shards
 import train
 
 
 def make_data(out, tokens=2_000_000):
-    """A small tokenizer and shards of random tokens: speed does not depend on what the tokens are."""
+    """A small tokenizer and shards of random tokens: speed does not depend on which tokens."""
     if (out / "train_000000.bin").exists():
         return
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-    (out / "text.txt").write_text(" ".join("".join(rng.choice(letters, rng.integers(2, 8))) for _ in range(20000)))
+    words = ("".join(rng.choice(letters, rng.integers(2, 8))) for _ in range(20000))
+    (out / "text.txt").write_text(" ".join(words))
     tok = bpe.train([str(out / "text.txt")], 512, out)
     for split, n in (("train", tokens), ("val", tokens // 10)):
         ids = rng.integers(len(bpe.SPECIAL_TOKENS), tok.vocab_size, n)
-        data.write_shard(out / f"{split}_000000.bin", ids, tok.vocab_size, tok.hash)
+        shards.write_shard(out / f"{split}_000000.bin", ids, tok.vocab_size, tok.hash)
 
 
 def run(config, compile, data_dir, out_dir, vocab_size, n_steps, extra, timeout):
-    """One train.py process -> the step rows it logged (killed as soon as it has n_steps of them)."""
+    """One train.py process -> the step rows it logged (killed once it has n_steps of them)."""
     shutil.rmtree(out_dir, ignore_errors=True)
     cmd = [sys.executable, "train.py", config, f"--data_dir={data_dir}", f"--out_dir={out_dir}",
-           f"--vocab_size={vocab_size}", f"--compile={compile}", "--init_from=scratch", "--eval_interval=0",
-           "--log_interval=1", "--max_iters=100000", "--ckpt_interval=100000", "--wandb_log=False", *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    log, t0, rows = Path(out_dir) / "log.jsonl", time.time(), []
+           f"--vocab_size={vocab_size}", f"--compile={compile}", "--init_from=scratch",
+           "--eval_interval=0", "--log_interval=1", "--max_iters=100000",
+           "--ckpt_interval=100000", "--wandb_log=False", *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    log = Path(out_dir) / "log.jsonl"
+    t0 = time.time()
+    rows = []
     while len(rows) < n_steps:
         if proc.poll() is not None:
-            raise RuntimeError(f"train.py exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"train.py exited with {proc.returncode}: "
+                               f"{proc.stderr.read()[-2000:]}")
         if time.time() - t0 > timeout:
             proc.kill()
             raise RuntimeError(f"run took more than {timeout} s; lower --steps or raise --timeout")
@@ -65,16 +72,25 @@ def run(config, compile, data_dir, out_dir, vocab_size, n_steps, extra, timeout)
     return rows[:n_steps]
 
 
+def summary(rows):
+    """(median ms per step, median tokens/s, median MFU or None, peak memory GB) of one run."""
+    mfu = [r["mfu"] for r in rows if r["mfu"] is not None]
+    return (statistics.median(r["dt_ms"] for r in rows),
+            statistics.median(r["tokens_per_s"] for r in rows),
+            statistics.median(mfu) if mfu else None, rows[-1]["mem_gb"])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="config/demo.py")
     p.add_argument("--steps", type=int, default=6, help="measured steps per run")
-    p.add_argument("--warmup", type=int, default=3, help="steps dropped at the start of each run (compilation)")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="steps dropped at the start of each run (compilation)")
     p.add_argument("--pairs", type=int, default=2, help="A B pairs")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per run")
     a, extra = p.parse_known_args()
     extra = [e for e in extra if e != "--"]
-    # The config and its overrides, read as train.py reads them, to size the vocabulary like the real run.
+    # The config and its overrides, read as train.py reads them: the vocabulary of the real run.
     cfg = config.parse_args(train.TrainConfig(), [str(ROOT / a.config), *extra], config_file=True)
     vocab = cfg.vocab_size or llm.model_config(cfg.model).vocab_size
     data_dir = ROOT / "bench" / "out" / "train_speed_data"
@@ -82,20 +98,21 @@ def main():
     results = {False: [], True: []}
     for pair in range(a.pairs):
         for compile in (False, True):
-            rows = run(a.config, compile, data_dir, ROOT / "bench" / "out" / f"train_speed_{int(compile)}", vocab,
-                       a.warmup + a.steps, extra, a.timeout)[a.warmup:]
-            step_ms = statistics.median(r["dt_ms"] for r in rows)
-            tok_s = statistics.median(r["tokens_per_s"] for r in rows)
-            mfu = [r["mfu"] for r in rows if r["mfu"] is not None]
-            results[compile].append((step_ms, tok_s, statistics.median(mfu) if mfu else None, rows[-1]["mem_gb"]))
-            print(f"pair {pair} compile={compile!s:<5}: {step_ms:8.1f} ms/step  {tok_s:12,.0f} tokens/s  MFU "
-                  f"{f'{statistics.median(mfu):.1%}' if mfu else '-':>6}  peak mem {rows[-1]['mem_gb']:.2f} GB",
+            out_dir = ROOT / "bench" / "out" / f"train_speed_{int(compile)}"
+            rows = run(a.config, compile, data_dir, out_dir, vocab, a.warmup + a.steps, extra,
+                       a.timeout)
+            step_ms, tok_s, mfu, mem = summary(rows[a.warmup:])
+            results[compile].append((step_ms, tok_s, mfu, mem))
+            print(f"pair {pair} compile={compile!s:<5}: {step_ms:8.1f} ms/step  {tok_s:12,.0f} "
+                  f"tokens/s  MFU {f'{mfu:.1%}' if mfu else '-':>6}  peak mem {mem:.2f} GB",
                   flush=True)
-    print(f"\n{a.config} {' '.join(extra)}: median of {a.steps} steps per run after {a.warmup} warm-up steps")
+    print(f"\n{a.config} {' '.join(extra)}: median of {a.steps} steps per run after {a.warmup} "
+          "warm-up steps")
     for compile, runs in results.items():
         mfu = [r[2] for r in runs if r[2] is not None]
-        print(f"  compile={compile!s:<5}: {statistics.median(r[1] for r in runs):12,.0f} tokens/s   MFU "
-              f"{f'{statistics.median(mfu):.1%}' if mfu else '- (no known peak for this device)'}")
+        mfu_text = f"{statistics.median(mfu):.1%}" if mfu else "- (no known peak for this device)"
+        print(f"  compile={compile!s:<5}: {statistics.median(r[1] for r in runs):12,.0f} "
+              f"tokens/s   MFU {mfu_text}")
     ratios = [b[1] / a_[1] for a_, b in zip(results[False], results[True])]
     print(f"  compile on / off speed: median of pairwise ratios {statistics.median(ratios):.2f}x "
           f"({', '.join(f'{r:.2f}' for r in ratios)})")

@@ -1,4 +1,5 @@
-# Demo pretraining on CPU in minutes: the ~9M-parameter 'demo' model on the demo corpus (make demo builds it).
+# Demo pretraining on CPU in minutes: the ~9M-parameter 'demo' model on the demo corpus
+# (make demo builds it).
 #   python train.py config/demo.py
 #   python train.py config/demo.py --init_from=resume          # continue after Ctrl-C
 # Batch: 8 sequences x 256 tokens x 1 process x 1 micro-step = 2,048 tokens per step;

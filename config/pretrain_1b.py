@@ -1,12 +1,14 @@
 # The ~1.1B-parameter Llama-style model (TinyLlama's shape, preset '1b') on FineWeb-Edu, 8 x H100.
-# Prepare: python data.py --source fineweb-edu --tokenizer data/tok --out data/fineweb-edu   (after a tokenizer:
-#          python bpe.py --input 'PARQUET_FILES' --vocab_size 32768 --out data/tok --max_chars 2_000_000_000)
+# Prepare: python data.py --source fineweb-edu --tokenizer data/tok --out data/fineweb-edu
+#          after a tokenizer: python bpe.py --input 'PARQUET_FILES' --vocab_size 32768 \
+#              --out data/tok --max_chars 2_000_000_000
 # Launch:  torchrun --nproc_per_node=8 train.py config/pretrain_1b.py
 # Plan:    python train.py config/pretrain_1b.py --plan --plan_gpus=8
 #
 # Batch: 8 sequences x 2048 tokens x 8 GPUs = 131,072 tokens per micro-step; x 4 accumulation steps
 #   = 524,288 (2^19) tokens per optimizer step. On 1 GPU the same run takes 32 accumulation steps.
-# Budget: 1.126B parameters x ~20 tokens/parameter (Chinchilla) = 22.5B tokens = 43,000 steps x 524,288.
+# Budget: 1.126B parameters x ~20 tokens/parameter (Chinchilla) = 22.5B tokens
+#   = 43,000 steps x 524,288.
 #   fineweb-edu's sample/10BT holds ~10B tokens: this is ~2.3 epochs of it (or prepare more data).
 # Memory per GPU (see --plan): 18 GB weights + grads + AdamW, ~36 GB activations at micro-batch 8.
 out_dir = "out/pretrain_1b"

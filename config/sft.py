@@ -1,12 +1,13 @@
-# Instruction tuning (SFT) of the newest pretrain checkpoint under out/ (e.g. out/pretrain_1b) on SmolTalk.
+# Instruction tuning (SFT) of the newest pretrain checkpoint under out/ (e.g. out/pretrain_1b)
+# on SmolTalk.
 # Prepare with the SAME tokenizer as the pretraining data (train.py refuses another one):
 #   python data.py --sft --source smoltalk --max_shards 1 --tokenizer data/tok --out data/smoltalk
 # Launch:  python train.py config/sft.py            (1 GPU: 8 accumulation steps)
 #          torchrun --nproc_per_node=8 train.py config/sft.py
-# Batch: 8 packed rows x 2048 tokens x 8 GPUs x 1 = 131,072 tokens per step (padding included); the loss is the
-#   mean over the assistant tokens of the whole step, on all micro-steps and GPUs.
+# Batch: 8 packed rows x 2048 tokens x 8 GPUs x 1 = 131,072 tokens per step (padding included);
+#   the loss is the mean over the assistant tokens of the whole step, on all micro-steps and GPUs.
 out_dir = "out/sft"
-task = "sft"
+stage = "sft"
 init_from = "pretrain"          # the newest pretrain checkpoint under out/; or a path
 data_dir = "data/smoltalk"
 block_size = 2048

@@ -1,10 +1,11 @@
 # SFT of the demo model (out/demo, from config/demo.py) on the demo chat set, CPU, a few minutes.
-#   python data.py --sft --input data/demo_raw/chat.jsonl --tokenizer data/demo_tok --out data/demo_chat
+#   python data.py --sft --input data/demo_raw/chat.jsonl --tokenizer data/demo_tok \
+#       --out data/demo_chat
 #   python train.py config/sft_demo.py
 #   python sample.py --ckpt out/sft_demo --chat
 # Batch: 8 packed rows x 256 tokens x 1 process x 1 micro-step = 2,048 tokens per step.
 out_dir = "out/sft_demo"
-task = "sft"
+stage = "sft"
 init_from = "out/demo"
 data_dir = "data/demo_chat"
 block_size = 256

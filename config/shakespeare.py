@@ -1,13 +1,14 @@
 # Tiny-shakespeare on CPU: a 4-layer demo-width model, a few minutes on 2 cores.
 # Prepare (tokenizer and shards, ~1 minute):
-#   python bpe.py --input ../shared/data/tinyshakespeare.txt --vocab_size 1024 --out data/shakespeare_tok
-#   python data.py --input ../shared/data/tinyshakespeare.txt --txt_separator '\n\n' --val_fraction 0.05 \
-#       --tokenizer data/shakespeare_tok --out data/shakespeare
+#   python bpe.py --input ../shared/data/tinyshakespeare.txt --vocab_size 1024 \
+#       --out data/shakespeare_tok
+#   python data.py --input ../shared/data/tinyshakespeare.txt --txt_separator '\n\n' \
+#       --val_fraction 0.05 --tokenizer data/shakespeare_tok --out data/shakespeare
 # Train, then sample:
 #   python train.py config/shakespeare.py
 #   python sample.py --ckpt out/shakespeare --prompt "ROMEO:"
-# Batch: 8 sequences x 256 tokens x 1 process x 1 micro-step = 2,048 tokens per step; 500 steps = 1M tokens
-#   (~3 epochs of the ~330k-token corpus).
+# Batch: 8 sequences x 256 tokens x 1 process x 1 micro-step = 2,048 tokens per step;
+#   500 steps = 1M tokens (~3 epochs of the ~330k-token corpus).
 out_dir = "out/shakespeare"
 data_dir = "data/shakespeare"
 model = "demo"

@@ -1,6 +1,7 @@
 # Tiny run for tests and smoke checks: a ~0.1M-parameter model, seconds on CPU.
 #   python train.py config/tiny.py --data_dir=DIR            (DIR from data.py, any small tokenizer)
-#   python -m torch.distributed.run --standalone --nproc_per_node=2 train.py config/tiny.py --data_dir=DIR
+#   python -m torch.distributed.run --standalone --nproc_per_node=2 train.py config/tiny.py \
+#       --data_dir=DIR
 # Batch: 4 sequences x 64 tokens x world_size x grad_accum = 512 tokens per step
 #   (grad_accum 2 on 1 process, 1 on 2 processes: the same run).
 out_dir = "out/tiny"

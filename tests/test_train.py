@@ -1,7 +1,9 @@
-"""train.py: 1 vs 2 processes agree, exact resume after SIGKILL/SIGTERM, learning, clear errors, NaN skipping.
+"""train.py end to end: 1 vs 2 processes agree, exact resume after SIGKILL/SIGTERM, learning, clear
+errors, non-finite steps skipped, the loss plot.
 
-Data is made here: a tokenizer trained on text this file writes, shards from data.py. Runs that must be
-killed or need torchrun are subprocesses (one thread each, so two runs do the same float arithmetic).
+Data is made here: a tokenizer trained on text this file writes, shards from data.py. Runs that must
+be killed or need torchrun are subprocesses (one thread each, so two runs do the same arithmetic).
+The training step itself is tested in test_train_step.py, the planner in test_plan.py.
 """
 import json
 import os
@@ -20,10 +22,12 @@ from safetensors.torch import load_file
 
 import bpe
 import checkpoint
-import config
 from conftest import WORDS, word_corpus_shards
 import data
 import llm
+import loader
+import runlog
+import shards
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +57,9 @@ def run_in_process(argv):
 
 
 def spawn(argv, nproc=1):
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    launcher = []
+    if nproc > 1:
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     return subprocess.Popen([sys.executable, *launcher, "train.py", *argv], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -91,7 +97,8 @@ def assert_same_run(out_dir, reference, steps):
 
 
 def test_one_process_equals_two(data_dir, tmp_path, single_run):
-    """grad_accum 2 on one process and grad_accum 1 on two (DDP, gloo) see the same data: the same run."""
+    """grad_accum 2 on one process and grad_accum 1 on two (DDP, gloo) see the same data: the same
+    run."""
     out = finish(spawn(args(data_dir, tmp_path, "--max_iters=10", "--ckpt_interval=5"), nproc=2))
     assert "2 process(es)" in out and "1 micro-steps" in out
     assert sorted(log_rows(tmp_path, "loss")) == list(range(1, 11))
@@ -99,14 +106,15 @@ def test_one_process_equals_two(data_dir, tmp_path, single_run):
     loss = log_rows(single_run, "loss")
     assert loss[10] < loss[1] - 0.5  # it trained
     # eval covers the same windows too
-    np.testing.assert_allclose(log_rows(tmp_path, "val_loss")[10], log_rows(single_run, "val_loss")[10], rtol=1e-4)
+    np.testing.assert_allclose(log_rows(tmp_path, "val_loss")[10],
+                               log_rows(single_run, "val_loss")[10], rtol=1e-4)
 
 
 def test_fsdp_with_activation_checkpointing_resumes_to_the_same_run(data_dir, tmp_path, single_run):
-    """FSDP2 + activation checkpointing on 2 processes, resumed from step 5 (sharded optimizer state reloaded
-    from the gathered checkpoint): the same losses and weights as one plain process."""
-    argv = args(data_dir, tmp_path, "--max_iters=10", "--ckpt_interval=5", "--eval_interval=0", "--fsdp=True",
-                "--activation_checkpointing=True")
+    """FSDP2 + activation checkpointing on 2 processes, resumed from step 5 (sharded optimizer state
+    reloaded from the gathered checkpoint): the same losses and weights as one plain process."""
+    argv = args(data_dir, tmp_path, "--max_iters=10", "--ckpt_interval=5", "--eval_interval=0",
+                "--fsdp=True", "--activation_checkpointing=True")
     finish(spawn(argv, nproc=2))
     shutil.rmtree(tmp_path / "ckpt_0000010")
     assert "resuming at step 5" in finish(spawn(argv + ["--init_from=resume"], nproc=2))
@@ -114,13 +122,14 @@ def test_fsdp_with_activation_checkpointing_resumes_to_the_same_run(data_dir, tm
 
 
 def test_resume_does_not_repeat_the_eval_it_saved_after(data_dir, tmp_path):
-    """The checkpoint at step 4 is written right after step 4's eval: resuming from it evaluates 6 and 8, not 4
-    again (a second full eval and a duplicate log row per resume)."""
+    """The checkpoint at step 4 is written right after step 4's eval: resuming from it evaluates 6
+    and 8, not 4 again (a second full eval and a duplicate log row per resume)."""
     argv = args(data_dir, tmp_path, "--max_iters=8", "--ckpt_interval=4", "--eval_interval=2")
     run_in_process(argv)
     shutil.rmtree(tmp_path / "ckpt_0000008")
     run_in_process(argv + ["--init_from=resume"])
-    evals = [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl") if "val_loss" in line]
+    rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    evals = [r["step"] for r in rows if "val_loss" in r]
     assert evals == [0, 2, 4, 6, 8, 6, 8]
 
 
@@ -128,7 +137,8 @@ def test_resume_does_not_repeat_the_eval_it_saved_after(data_dir, tmp_path):
 def reference_run(data_dir, tmp_path_factory):
     """An uninterrupted 30-step run (subprocess, like the interrupted ones)."""
     out_dir = tmp_path_factory.mktemp("reference")
-    finish(spawn(args(data_dir, out_dir, "--max_iters=30", "--ckpt_interval=5", "--eval_interval=0")))
+    finish(spawn(args(data_dir, out_dir, "--max_iters=30", "--ckpt_interval=5",
+                      "--eval_interval=0")))
     return final_weights(out_dir)
 
 
@@ -164,7 +174,7 @@ def test_resume_after_sigterm_mid_run_is_exact(data_dir, tmp_path, reference_run
     proc = spawn(argv)
     log = tmp_path / "log.jsonl"
     wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 7, proc)
-    proc.send_signal(signal.SIGTERM)   # lands during some step; that step finishes, is saved, the run exits
+    proc.send_signal(signal.SIGTERM)   # lands in a step, which finishes, is saved; the run exits
     out = finish(proc)
     assert "signal" in out and "continue with --init_from=resume" in out
     stopped_at = checkpoint._ckpt_step(checkpoint.list_checkpoints(tmp_path)[-1])
@@ -175,55 +185,61 @@ def test_resume_after_sigterm_mid_run_is_exact(data_dir, tmp_path, reference_run
 
 
 def test_tiny_overfits_one_batch(data_dir, tmp_path):
-    """The whole train split is one batch of random tokens (8 windows): the model must memorise it."""
+    """The whole train split is one batch of random tokens (8 windows): the model memorises it."""
     d = tmp_path / "one_batch"
     d.mkdir()
     tok = bpe.Tokenizer.load(data_dir)
     tok.save(d)
     tokens = np.random.default_rng(0).integers(len(bpe.SPECIAL_TOKENS), tok.vocab_size, 8 * 64 + 1)
     for split in ("train", "val"):
-        data.write_shard(d / f"{split}_000000.bin", tokens, tok.vocab_size, tok.hash)
-    run_in_process(args(d, tmp_path / "run", "--max_iters=150", "--learning_rate=1e-2", "--min_lr=1e-3",
-                        "--eval_interval=150", "--ckpt_interval=0"))
+        shards.write_shard(d / f"{split}_000000.bin", tokens, tok.vocab_size, tok.hash)
+    run_in_process(args(d, tmp_path / "run", "--max_iters=150", "--learning_rate=1e-2",
+                        "--min_lr=1e-3", "--eval_interval=150", "--ckpt_interval=0"))
     loss = log_rows(tmp_path / "run", "loss")
     assert loss[1] > 5.0 and loss[150] < 0.05, (loss[1], loss[150])
     assert log_rows(tmp_path / "run", "val_loss")[150] < 0.05
-    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
 
 
 def test_demo_config_lowers_val_bpb_on_shakespeare(shared_data, tmp_path):
-    """The demo model on real text: bits per byte on held-out Shakespeare fall within a few steps."""
+    """The demo model on real text: bits per byte on held-out Shakespeare fall in a few steps."""
     bpe.train([str(shared_data / "tinyshakespeare.txt")], 512, tmp_path / "tok")
     data.prepare([str(shared_data / "tinyshakespeare.txt")], tmp_path / "tok", tmp_path / "d",
                  txt_separator="\n\n", val_fraction=0.05, workers=1)
-    run_in_process(["config/demo.py", f"--data_dir={tmp_path / 'd'}", f"--out_dir={tmp_path / 'run'}",
-                    "--max_iters=12", "--eval_interval=12", "--eval_iters=1", "--warmup_iters=2",
-                    "--batch_size=4", "--block_size=128", "--total_batch_tokens=512", "--n_layer=2"])
+    run_in_process(["config/demo.py", f"--data_dir={tmp_path / 'd'}",
+                    f"--out_dir={tmp_path / 'run'}", "--max_iters=12", "--eval_interval=12",
+                    "--eval_iters=1", "--warmup_iters=2", "--batch_size=4", "--block_size=128",
+                    "--total_batch_tokens=512", "--n_layer=2"])
     bpb = log_rows(tmp_path / "run", "val_bpb")
     assert bpb[12] < bpb[0] - 0.3, bpb
 
 
 def test_mixture_reports_each_source(data_dir, tmp_path):
-    """data_dir 'a:0.7,b:0.3': both sources are trained on and each gets its own val loss and bpb."""
+    """data_dir 'a:0.7,b:0.3': both sources are trained on, each gets its own val loss and bpb."""
     rng = random.Random(1)
     with open(tmp_path / "raw.jsonl", "w") as f:   # another distribution: only a few of the words
         for _ in range(100):
-            f.write(json.dumps({"text": " ".join(rng.choice(WORDS[:6]) for _ in range(60))}) + "\n")
-    data.prepare([str(tmp_path / "raw.jsonl")], data_dir, tmp_path / "other", val_fraction=0.2, workers=1)
-    run_in_process(args(f"{data_dir}:0.7,{tmp_path / 'other'}:0.3", tmp_path / "run", "--max_iters=2",
-                        "--eval_interval=2"))
+            words = " ".join(rng.choice(WORDS[:6]) for _ in range(60))
+            f.write(json.dumps({"text": words}) + "\n")
+    data.prepare([str(tmp_path / "raw.jsonl")], data_dir, tmp_path / "other", val_fraction=0.2,
+                 workers=1)
+    run_in_process(args(f"{data_dir}:0.7,{tmp_path / 'other'}:0.3", tmp_path / "run",
+                        "--max_iters=2", "--eval_interval=2"))
     row = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")][-1]
     a, b = row[f"val_loss/{data_dir.name}"], row["val_loss/other"]
     assert a != b and row["val_loss"] == pytest.approx((a + b) / 2)
     assert row[f"val_bpb/{data_dir.name}"] > 0 and row["val_bpb/other"] > 0
     state = checkpoint.load_trainer_state(tmp_path / "run")["state"]["data"]
-    assert sum(state["counts"]) == 2 * 8 and min(state["counts"]) > 0   # 2 steps x 8 windows, from both
+    assert sum(state["counts"]) == 2 * 8   # 2 steps x 8 windows
+    assert min(state["counts"]) > 0          # from both sources
 
 
 @pytest.mark.parametrize("extra, error, words", [
     (["--lerning_rate=1e-3"], ValueError, "unknown config key 'lerning_rate'"),
     (["--total_batch_tokens=500"], ValueError, "total_batch_tokens=500 is not a multiple"),
-    (["--block_size=256", "--total_batch_tokens=2048"], ValueError, "block_size=256 exceeds the model's max_seq_len"),
+    (["--block_size=256", "--total_batch_tokens=2048"], ValueError,
+     "block_size=256 exceeds the model's max_seq_len"),
+    (["--stage=finetune"], ValueError, "stage='finetune' must be one of pretrain, sft"),
+    (["--rope_theta=abc"], ValueError, "could not parse --rope_theta=abc"),
 ])
 def test_bad_config_fails_before_training(data_dir, tmp_path, extra, error, words):
     with pytest.raises(error, match=words):
@@ -240,74 +256,112 @@ def test_data_dir_without_shards(tmp_path):
 def test_resume_with_another_model_shape(data_dir, tmp_path):
     run_in_process(args(data_dir, tmp_path, "--max_iters=1", "--eval_interval=0"))
     with pytest.raises(ValueError, match="another model shape: n_layer=2 .config: 3"):
-        run_in_process(args(data_dir, tmp_path, "--max_iters=2", "--init_from=resume", "--n_layer=3"))
+        run_in_process(args(data_dir, tmp_path, "--max_iters=2", "--init_from=resume",
+                            "--n_layer=3"))
 
 
 def test_cli_error_is_one_line(data_dir, tmp_path):
-    proc = subprocess.run([sys.executable, "train.py", *args(data_dir, tmp_path, "--total_batch_tokens=500")],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True)
+    argv = args(data_dir, tmp_path, "--total_batch_tokens=500")
+    proc = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: total_batch_tokens=500"), proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: total_batch_tokens=500"), proc.stderr
 
 
-def nan_on_calls(monkeypatch, bad):
-    """Make the training forward return a NaN loss on the given (1-based) training calls."""
-    forward, calls = llm.LLM.forward, [0]
-
-    def patched(self, *a, **k):
-        logits, loss = forward(self, *a, **k)
-        if self.training:
-            calls[0] += 1
-            if bad(calls[0]):
-                loss = loss * float("nan")
-        return logits, loss
-    monkeypatch.setattr(llm.LLM, "forward", patched)
+def test_space_separated_values_work(data_dir, tmp_path):
+    """`--max_iters 2` is `--max_iters=2` on train.py as on every script."""
+    run_in_process(["config/tiny.py", "--data_dir", str(data_dir), "--out_dir", str(tmp_path),
+                    "--max_iters", "2", "--eval_interval", "0"])
+    assert sorted(log_rows(tmp_path, "loss")) == [1, 2]
 
 
-def test_nonfinite_step_is_skipped(data_dir, tmp_path, monkeypatch, capsys):
-    nan_on_calls(monkeypatch, lambda call: call in (5, 6))   # both micro-steps of step 3
-    model = run_in_process(args(data_dir, tmp_path, "--max_iters=6", "--eval_interval=0"))
-    rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+def test_rope_theta_is_a_config_key(data_dir, tmp_path):
+    """Every llm.ModelConfig field is a train.py key: the checkpoint holds the model asked for."""
+    run_in_process(args(data_dir, tmp_path, "--max_iters=1", "--eval_interval=0",
+                        "--rope_theta=5e5", "--norm_eps=1e-6"))
+    _, _, meta = checkpoint.load_model(tmp_path)
+    assert meta["model_config"]["rope_theta"] == 5e5 and meta["model_config"]["norm_eps"] == 1e-6
+    assert meta["run_config"]["stage"] == "pretrain" and "task" not in meta["run_config"]
+
+
+def test_loss_png_is_drawn_at_the_end(data_dir, tmp_path):
+    run_in_process(args(data_dir, tmp_path, "--max_iters=2", "--eval_interval=0"))
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_failed_plot_does_not_fail_the_run(data_dir, tmp_path, monkeypatch, capsys):
+    """A picture that cannot be drawn costs one printed line, never the run after its checkpoint."""
+    def broken(*a, **k):
+        raise RuntimeError("no fonts")
+    monkeypatch.setattr(runlog, "plot_losses", broken)
+    run_in_process(args(data_dir, tmp_path, "--max_iters=2", "--eval_interval=0"))
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["ckpt_0000002"]
+    assert "loss.png not drawn (RuntimeError: no fonts)" in capsys.readouterr().out
+
+
+# ---- Non-finite steps, from poisoned data: no patching of the model
+def poisoned_run(data_dir, tmp_path, bad_steps, n_windows=200):
+    """-> a data dir and an initial checkpoint such that exactly the steps in bad_steps (1-based)
+    have a NaN loss: the checkpoint's embedding row of one token is NaN, and that token occurs only
+    in the windows those steps read (config/tiny.py: 8 windows of 64 tokens per step, 1 process)."""
+    tok = bpe.Tokenizer.load(data_dir)
+    poison = tok.vocab_size - 1
+    scan = tmp_path / "scan"   # the clean tokens, read once to learn which windows each step reads
+    d = tmp_path / "poisoned"  # another path: the loader keeps the shards it opened memory-mapped
+    for folder in (scan, d):
+        folder.mkdir()
+        tok.save(folder)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(len(bpe.SPECIAL_TOKENS), poison, n_windows * 64 + 1)  # never `poison`
+    shards.write_shard(scan / "train_000000.bin", tokens, tok.vocab_size, tok.hash)
+    start_of = {tokens[i * 64:i * 64 + 64].tobytes(): i * 64 for i in range(n_windows)}
+    train_loader = loader.PretrainLoader(str(scan), "train", 4, 64, seed=1337)
+    for step in range(1, max(bad_steps) + 1):
+        for _ in range(2):   # grad_accum 2
+            x = next(train_loader)[0].numpy()
+            if step in bad_steps:
+                for row in x:
+                    tokens[start_of[row.tobytes()] + 32] = poison   # mid-window
+    for split in ("train", "val"):
+        shards.write_shard(d / f"{split}_000000.bin", tokens, tok.vocab_size, tok.hash)
+    torch.manual_seed(0)
+    model = llm.LLM(llm.model_config("tiny", vocab_size=tok.vocab_size, max_seq_len=128))
+    with torch.no_grad():
+        model.embed_tokens.weight[poison] = float("nan")
+    checkpoint.save_checkpoint(tmp_path / "init", 0, model, {}, {}, {}, tok)
+    return d, tmp_path / "init", poison
+
+
+def finite_except(model, poison):
+    """Every weight finite but the poisoned embedding row, which is still NaN (never updated)."""
+    params = dict(model.named_parameters())
+    emb = params.pop("embed_tokens.weight")
+    rows = torch.ones(emb.shape[0], dtype=torch.bool)
+    rows[poison] = False
+    return (all(torch.isfinite(p).all() for p in params.values())
+            and torch.isfinite(emb[rows]).all() and torch.isnan(emb[poison]).all())
+
+
+def test_nonfinite_step_is_skipped(data_dir, tmp_path, capsys):
+    d, init, poison = poisoned_run(data_dir, tmp_path, bad_steps={3})
+    model = run_in_process(args(d, tmp_path / "run", f"--init_from={init}", "--max_iters=6",
+                                "--eval_interval=0"))
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert [r["step"] for r in rows if "skipped" in r] == [3]
-    loss = log_rows(tmp_path, "loss")
-    assert 3 not in loss and all(np.isfinite(loss[s]) for s in (4, 5, 6))   # NaN never reached the weights
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    loss = log_rows(tmp_path / "run", "loss")
+    assert 3 not in loss and all(np.isfinite(loss[s]) for s in (4, 5, 6))
+    assert finite_except(model, poison)   # NaN never reached the weights
     assert "skipped" in capsys.readouterr().out
 
 
-def test_nonfinite_steps_in_a_row_stop_the_run(data_dir, tmp_path, monkeypatch):
-    nan_on_calls(monkeypatch, lambda call: call > 4)   # every step after step 2
-    with pytest.raises(SystemExit, match="3 non-finite steps in a row .* last good checkpoint is .*ckpt_0000002"):
-        run_in_process(args(data_dir, tmp_path, "--max_iters=10", "--ckpt_interval=2", "--max_bad_steps=3",
-                            "--eval_interval=0"))
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["ckpt_0000002"]
-    model, _, meta = checkpoint.load_model(tmp_path / "ckpt_0000002")
-    assert meta["step"] == 2 and all(torch.isfinite(p).all() for p in model.parameters())
-
-
-def test_lr_schedules():
-    cfg = train.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110, decay_frac=0.5)
-    lr = [train.get_lr(s, cfg) for s in range(110)]
-    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)         # warmup
-    assert lr[60] == pytest.approx(0.55) and lr[109] == pytest.approx(0.1, abs=1e-3)   # cosine midpoint, end
-    wsd = train.TrainConfig(**{**vars(cfg), "schedule": "wsd"})
-    lr = [train.get_lr(s, wsd) for s in range(110)]
-    assert lr[20] == lr[54] == 1.0 and lr[55] == pytest.approx(1.0) and lr[82] == pytest.approx(0.55, abs=0.02)
-
-
-def test_plan_prints_the_budget(capsys):
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        train.main(["config/pretrain_1b.py", "--plan", "--plan_gpus=8"])
-    finally:
-        os.chdir(cwd)
-    out = capsys.readouterr().out
-    cfg = config.parse_args(train.TrainConfig(), [str(ROOT / "config/pretrain_1b.py")], config_file=True)
-    with torch.device("meta"):
-        n = llm.LLM(llm.model_config("1b")).num_params()
-    tokens = cfg.max_iters * cfg.total_batch_tokens
-    assert 18 <= tokens / n <= 22   # the config's budget: ~20 tokens per parameter
-    assert f"{tokens / n:.1f} tokens per param" in out
-    assert f"weights (fp32)              {4 * n / 1e9:10.1f}  {4 * n / 8 / 1e9:10.1f}" in out
-    assert "predicted cost" in out and "x 8 GPUs x 4 accumulation steps" in out
+def test_nonfinite_steps_in_a_row_stop_the_run(data_dir, tmp_path):
+    d, init, poison = poisoned_run(data_dir, tmp_path, bad_steps=set(range(3, 11)))
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit, match="3 non-finite steps in a row .* last good checkpoint is "
+                                         ".*ckpt_0000002"):
+        run_in_process(args(d, run, f"--init_from={init}", "--max_iters=10", "--ckpt_interval=2",
+                            "--max_bad_steps=3", "--eval_interval=0"))
+    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["ckpt_0000002"]
+    model, _, meta = checkpoint.load_model(run / "ckpt_0000002")
+    assert meta["step"] == 2 and finite_except(model, poison)

@@ -1,0 +1,142 @@
+"""train.train_step, called directly on a tiny model: its loss and every gradient against one plain
+forward/backward over all micro-batches at once (F.cross_entropy, mean over the counted targets).
+
+Pretraining counts every target (the denominator is total_batch_tokens); SFT counts the learned
+ones on all micro-batches and processes, so a micro-batch of 3 answer tokens does not weigh as
+much as one of 30. The SFT step is checked on one process and on two (gloo DDP).
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llm
+import tasks
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+V = 300
+T = 32
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return llm.LLM(llm.model_config("tiny", vocab_size=V))
+
+
+def pretrain_batch(seed, B=2):
+    """(x, y, None): B rows of random tokens, every target counted."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randint(5, V, (2, B, T), generator=g)
+    return x, y, None
+
+
+def sft_batch(seed, n_learned):
+    """(x, y, doc_ids) of one row with exactly n_learned targets; two documents in the row."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randint(5, V, (2, 1, T), generator=g)
+    learned = torch.zeros(T, dtype=torch.bool)
+    learned[torch.randperm(T, generator=g)[:n_learned]] = True
+    doc_ids = (torch.arange(T) >= T // 3).long()[None]
+    return x, y.masked_fill(~learned[None], -1), doc_ids
+
+
+SFT_BATCHES = [sft_batch(1, 3), sft_batch(2, 30)]   # 3 vs 30 learned tokens
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def reference(model, batches):
+    """One forward over all micro-batches' rows, mean cross-entropy over the targets != -1."""
+    model.zero_grad()
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    doc_ids = None if batches[0][2] is None else torch.cat([b[2] for b in batches])
+    logits, _ = model(x, doc_ids=doc_ids)                                       # (B, T, V)
+    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1)
+    loss.backward()
+    return loss.item(), grads(model)
+
+
+def assert_same_grads(got, ref):
+    assert got.keys() == ref.keys()
+    for k, g in got.items():
+        torch.testing.assert_close(g, ref[k], rtol=1e-5, atol=1e-7)
+
+
+def test_pretrain_step_loss_and_grads():
+    model = tiny_model()
+    batches = [pretrain_batch(1), pretrain_batch(2)]
+    ref_loss, ref = reference(model, batches)
+    model.zero_grad()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stage = tasks.Pretrain(train.TrainConfig(total_batch_tokens=2 * 2 * T))
+    loss = train.train_step(model, batches, stage.n_tokens(batches))
+    assert loss.item() == pytest.approx(ref_loss, rel=1e-6)
+    assert_same_grads(grads(model), ref)
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())  # no update yet
+
+
+def test_sft_step_weighs_every_learned_token_once():
+    model = tiny_model()
+    ref_loss, ref = reference(model, SFT_BATCHES)
+    model.zero_grad()
+    stage = tasks.SFT(train.TrainConfig(stage="sft"))
+    loss = train.train_step(model, SFT_BATCHES, stage.n_tokens(SFT_BATCHES))
+    assert loss.item() == pytest.approx(ref_loss, rel=1e-6)
+    assert_same_grads(grads(model), ref)
+
+
+def test_mean_of_micro_batch_means_differs():
+    """The SFT reference can tell: averaging the two micro-batch means gives another gradient."""
+    model = tiny_model()
+    _, ref = reference(model, SFT_BATCHES)
+    model.zero_grad()
+    for x, y, d in SFT_BATCHES:
+        (model(x, y, doc_ids=d)[1] / 2).backward()
+    assert max((p.grad - ref[k]).abs().max().item() for k, p in model.named_parameters()) > 1e-3
+
+
+DDP_SCRIPT = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import llm, tasks, train
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+saved = torch.load({inputs!r})
+model = llm.LLM(llm.model_config("tiny", vocab_size={vocab}))
+model.load_state_dict(saved["weights"])
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+batches = [saved["batches"][rank]]
+n_tokens = tasks.SFT(train.TrainConfig(stage="sft")).n_tokens(batches)   # all-reduced over ranks
+loss = train.train_step(ddp, batches, n_tokens, world_size=2)
+if rank == 0:
+    grads = {{n: p.grad for n, p in model.named_parameters()}}
+    torch.save({{"loss": loss, "grads": grads}}, {out!r})
+dist.destroy_process_group()
+"""
+
+
+def test_sft_step_on_two_processes(tmp_path):
+    """Each of 2 processes (gloo DDP) holds one micro-batch: the same loss and gradient as one
+    process holding both."""
+    model = tiny_model()
+    torch.save({"weights": model.state_dict(), "batches": SFT_BATCHES}, tmp_path / "inputs.pt")
+    script = tmp_path / "ddp_step.py"
+    script.write_text(DDP_SCRIPT.format(root=str(ROOT), inputs=str(tmp_path / "inputs.pt"),
+                                        out=str(tmp_path / "out.pt"), vocab=V))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(script)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    ref_loss, ref = reference(model, SFT_BATCHES)
+    assert got["loss"].item() == pytest.approx(ref_loss, rel=1e-5)
+    assert_same_grads(got["grads"], ref)
