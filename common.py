@@ -1,5 +1,6 @@
-"""Small helpers every kiln module may use: the scripts' error wrapper, atomic file writes, file hashes and the
-device choice. Bottom floor: imports no other kiln module (and torch only inside pick_device)."""
+"""Small helpers every kiln module may use: the scripts' error wrapper, atomic file writes, file
+hashes and the device choice. Bottom floor: imports no other kiln module (and torch only inside
+pick_device)."""
 import hashlib
 import json
 import os
@@ -10,8 +11,8 @@ from pathlib import Path
 
 
 def cli(main):
-    """Run main(); bad input (ValueError, FileNotFoundError) becomes one line on stderr and exit status 2
-    (KILN_DEBUG=1 prints the traceback too). Every script's entry point."""
+    """Run main(); bad input (ValueError, FileNotFoundError) becomes one line on stderr and exit
+    status 2 (KILN_DEBUG=1 prints the traceback too). Every script's entry point."""
     try:
         main()
     except (ValueError, FileNotFoundError) as e:
@@ -36,7 +37,8 @@ def write_json(path, obj):
 
 
 def replace_dir(tmp, final):
-    """Move the finished folder tmp to final, replacing an older final (rename is atomic, rmtree is not)."""
+    """Move the finished folder tmp to final, replacing an older final (rename is atomic, rmtree is
+    not)."""
     tmp, final = Path(tmp), Path(final)
     old = final.with_name(final.name + ".old")
     if final.exists():
@@ -52,7 +54,7 @@ def sha256_file(path):
 
 
 def pick_device(name="auto"):
-    """"auto" -> the best device here (CUDA, then Apple MPS, then CPU); any other name is taken as given."""
+    """"auto" -> the best device here (CUDA, then Apple MPS, then CPU); any other name as given."""
     import torch  # here: data preparation and the tokenizer use this module without torch
     if name != "auto":
         return torch.device(name)

@@ -6,12 +6,12 @@
         shots: int = 0               # few-shot examples
     args = parse_args(Args(), sys.argv[1:], doc=__doc__)
 
-Every script takes `--key=value` or `--key value`; a bare `--flag` turns a bool on; a list field takes every
-argument up to the next `--key`. train.py also takes a Python config file first (`config_file=True`), plain
-assignments as in nanoGPT. Values are type-checked against the default (or the `X | None` annotation of a None
-default): an int where a float is expected is fine, a value may contain `=`, and an unknown key is an error that
-names the closest known keys. `--help` prints the script's docstring and every key with its default and the
-comment on its line in the dataclass.
+Every script takes `--key=value` or `--key value`; a bare `--flag` turns a bool on; a list field
+takes every argument up to the next `--key`. train.py also takes a Python config file first
+(`config_file=True`), plain assignments as in nanoGPT. Values are type-checked against the default
+(or the `X | None` annotation of a None default): an int where a float is expected is fine, a value
+may contain `=`, and an unknown key is an error that names the closest known keys. `--help` prints
+the script's docstring and every key with its default and the comment on its line in the dataclass.
 Bottom floor: imports no other kiln module.
 """
 import ast
@@ -27,14 +27,15 @@ from pathlib import Path
 
 
 def _check(key, value, default, where):
-    """Return value converted to the default's type, or raise naming the key, the expected type and the value."""
+    """value converted to the default's type, or an error naming the key, the type and the value."""
     if default is None:  # a None default without a single-type annotation: anything may replace it
         return value
     if isinstance(default, bool):
         if value in (0, 1) and not isinstance(value, float):  # True/False/1/0
             return bool(value)
     elif isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):  # an int where a float is expected
+        # an int where a float is expected
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif isinstance(default, int):
         if isinstance(value, int) and not isinstance(value, bool):
@@ -48,12 +49,13 @@ def _check(key, value, default, where):
             return [value]
     elif isinstance(value, type(default)):
         return value
-    raise ValueError(f"config key {key}{where} expects {type(default).__name__} (default {default!r}), "
-                     f"got {value!r}")
+    raise ValueError(f"config key {key}{where} expects {type(default).__name__} "
+                     f"(default {default!r}), got {value!r}")
 
 
 def _parse_value(key, raw, default):
-    """A command-line string -> a Python value: a literal when it parses, else the raw string where one fits."""
+    """A command-line string -> a Python value: a literal when it parses, else the raw string where
+    a string fits."""
     if isinstance(default, bool) and raw.lower() in ("true", "false"):
         return raw.lower() == "true"
     if isinstance(default, list):
@@ -63,16 +65,17 @@ def _parse_value(key, raw, default):
     except (ValueError, SyntaxError):
         if default is None or isinstance(default, str):
             return raw
-        raise ValueError(f"could not parse --{key}={raw}: expected a {type(default).__name__} literal "
-                         f"like {default!r}") from None
+        raise ValueError(f"could not parse --{key}={raw}: expected a {type(default).__name__} "
+                         f"literal like {default!r}") from None
     if isinstance(default, str) and not isinstance(value, str) and value is not None:
         return raw  # --out_dir=2024 means the folder "2024"
     return value
 
 
 def _prototype(default, hint):
-    """What a value is checked against: the default, or for a None default annotated `int | None` (say) a
-    stand-in of that type, so `--n_kv_head=abc` is refused while `--n_kv_head=2` and `--n_kv_head=None` pass."""
+    """What a value is checked against: the default, or for a None default annotated `int | None`
+    (say) a stand-in of that type, so `--n_kv_head=abc` is refused while `--n_kv_head=2` and
+    `--n_kv_head=None` pass."""
     if default is not None:
         return default
     kinds = [typing.get_origin(t) or t for t in typing.get_args(hint) if t is not type(None)]
@@ -121,7 +124,8 @@ def parse_args(defaults, argv=None, doc=None, config_file=False, positional=()):
     def known(key, where):
         if key not in keys:
             close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
-            hint = f"did you mean {', '.join(close)}?" if close else f"known keys: {', '.join(keys)}"
+            hint = (f"did you mean {', '.join(close)}?" if close
+                    else f"known keys: {', '.join(keys)}")
             raise ValueError(f"unknown config key {key!r}{where}; {hint}")
 
     values = {}
@@ -134,7 +138,8 @@ def parse_args(defaults, argv=None, doc=None, config_file=False, positional=()):
         i += 1
         if not arg.startswith("--") or arg == "--":
             if not free:
-                raise ValueError(f"unexpected argument {arg!r}: give options as --key=value or --key value"
+                raise ValueError(f"unexpected argument {arg!r}: give options as --key=value or "
+                                 "--key value"
                                  + " (a config file may only come first)" * config_file)
             key = free.pop(0)
             values[key] = checked(key, _parse_value(key, arg, keys[key]), "")
@@ -151,7 +156,8 @@ def parse_args(defaults, argv=None, doc=None, config_file=False, positional=()):
             if not items:
                 raise ValueError(f"--{key} needs at least one value")
             values[key] = items
-        elif isinstance(keys[key], bool) and (i == len(argv) or argv[i].lower() not in ("true", "false")):
+        elif isinstance(keys[key], bool) and (i == len(argv)
+                                              or argv[i].lower() not in ("true", "false")):
             values[key] = True  # a bare --flag turns a bool on
         elif i < len(argv):
             values[key] = checked(key, _parse_value(key, argv[i], keys[key]), "")
@@ -165,12 +171,14 @@ def read_config_file(path, known, checked):
     """A config file's assignments, each key known and type-checked."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist; pass a file such as config/demo.py")
+        raise FileNotFoundError(f"config file {path} does not exist; pass a file such as "
+                                "config/demo.py")
     namespace = {}
     exec(compile(path.read_text(), str(path), "exec"), namespace)  # plain assignments, like nanoGPT
     values = {}
     for key, value in namespace.items():
-        if key.startswith("_") or isinstance(value, types.ModuleType):  # __builtins__, `import math`
+        # skip __builtins__ and modules (`import math`)
+        if key.startswith("_") or isinstance(value, types.ModuleType):
             continue
         known(key, f" in {path}")
         values[key] = checked(key, value, f" in {path}")

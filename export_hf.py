@@ -1,50 +1,60 @@
-"""Export a kiln checkpoint as a Hugging Face Llama folder that transformers loads with no custom code.
+"""Export a kiln checkpoint as a Hugging Face Llama folder that transformers loads with no custom
+code.
 
-    python export_hf.py out/demo hf/demo                  # a run folder: its newest checkpoint
-    python export_hf.py out/sft/ckpt_0002000 hf/sft       # one checkpoint
-    python export_hf.py hf/demo                           # the newest sft (else pretrain) checkpoint under out/
+    python export_hf.py out/demo hf/demo             # a run folder: its newest checkpoint
+    python export_hf.py out/sft/ckpt_0002000 hf/sft  # one checkpoint
+    python export_hf.py hf/demo                      # the newest sft (else pretrain) checkpoint
+    python export_hf.py --ckpt out/demo --out hf/demo  # the first line, as options
 
 Then, in Python:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained("hf/demo"); tok = AutoTokenizer.from_pretrained("hf/demo")
+    model = AutoModelForCausalLM.from_pretrained("hf/demo")
+    tok = AutoTokenizer.from_pretrained("hf/demo")
 
-Writes config.json (LlamaForCausalLM), generation_config.json, model.safetensors and, when the checkpoint has
-a tokenizer, tokenizer.json + tokenizer_config.json (with the chat template) + special_tokens_map.json.
-kiln's tensor names are HF's minus the "model." prefix, and its RoPE is HF's rotate_half: no permutation.
+Writes config.json (LlamaForCausalLM), generation_config.json, model.safetensors and, when the
+checkpoint has a tokenizer, tokenizer.json + tokenizer_config.json (with the chat template) +
+special_tokens_map.json. kiln's tensor names are HF's minus the "model." prefix, and its RoPE is
+HF's rotate_half: no permutation.
 """
 import json
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 import checkpoint
 import common
+import config
 
 
 def export(ckpt, out_dir):
-    """Write the Hugging Face folder out_dir from a kiln checkpoint (or run folder); returns out_dir."""
+    """Write the Hugging Face folder out_dir from a kiln checkpoint (or run folder); returns
+    out_dir."""
     out_dir = Path(out_dir)
     src = checkpoint.find_checkpoint(ckpt)
     if out_dir.resolve() == src.resolve():
         raise ValueError(f"{out_dir} is the checkpoint itself; pick a new output folder")
     if out_dir.exists() and any(out_dir.iterdir()):
         old = out_dir / "config.json"
-        if not (old.is_file() and "architectures" in json.loads(old.read_text())):  # never wipe a run folder
-            raise ValueError(f"{out_dir} exists and is not an earlier export; pick a new output folder")
+        # never wipe a run folder: only an earlier export's config.json names architectures
+        if not (old.is_file() and "architectures" in json.loads(old.read_text())):
+            raise ValueError(f"{out_dir} exists and is not an earlier export; pick a new output "
+                             "folder")
     model, tokenizer, meta = checkpoint.load_model(src)
     cfg = model.config
-    print(f"exporting {src} (step {meta.get('step')}, {model.num_params():,} parameters) -> {out_dir}")
+    print(f"exporting {src} (step {meta.get('step')}, {model.num_params():,} parameters) "
+          f"-> {out_dir}")
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        config = checkpoint.hf_config(cfg, tokenizer)
-        common.write_json(tmp / "config.json", config)
-        generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
-                      "pad_token_id": config["eos_token_id"]}
+        hf = checkpoint.hf_config(cfg, tokenizer)
+        common.write_json(tmp / "config.json", hf)
+        generation = {"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"],
+                      "pad_token_id": hf["eos_token_id"]}
         common.write_json(tmp / "generation_config.json", generation)
         weights = checkpoint.hf_state_dict(model)
         save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
@@ -57,13 +67,21 @@ def export(ckpt, out_dir):
     return out_dir
 
 
+@dataclass
+class Args:
+    ckpt: str | None = None  # checkpoint or run folder (default: the newest sft, else pretrain)
+    out: str | None = None   # the Hugging Face folder to write
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) not in (1, 2) or any(a.startswith("-") for a in argv):
-        raise ValueError("usage: python export_hf.py [CKPT_OR_RUN_DIR] OUT_DIR")
-    ckpt, out_dir = (None, argv[0]) if len(argv) == 1 else argv
-    export(ckpt, out_dir)
-    print(f"wrote {out_dir}: AutoModelForCausalLM.from_pretrained({str(out_dir)!r}) loads it")
+    args = config.parse_args(Args(), argv, doc=__doc__, positional=("ckpt", "out"))
+    if args.out is None:  # one free argument is OUT_DIR: the checkpoint defaults to the newest
+        args = config.parse_args(Args(), argv, doc=__doc__, positional=("out",))
+    if args.out is None:
+        raise ValueError("no output folder: usage: python export_hf.py [CKPT_OR_RUN_DIR] OUT_DIR")
+    export(args.ckpt, args.out)
+    print(f"wrote {args.out}: AutoModelForCausalLM.from_pretrained({args.out!r}) loads it")
 
 
 if __name__ == "__main__":

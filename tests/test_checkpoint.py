@@ -42,7 +42,8 @@ def test_save_load_identical(tmp_path):
     assert want.keys() == got.keys()
     for k in want:
         assert torch.equal(want[k], got[k]), k
-    trainer = checkpoint.load_trainer_state(tmp_path / "run")  # a run folder -> its newest checkpoint
+    # a run folder -> its newest checkpoint
+    trainer = checkpoint.load_trainer_state(tmp_path / "run")
     assert trainer["state"]["data"] == {"pos": 80}
     assert torch.equal(trainer["state"]["rng"], rng)
     want_opt = opt.state_dict()
@@ -60,14 +61,25 @@ def test_tied_embeddings_saved_once(tmp_path):
     assert torch.equal(loaded.embed_tokens.weight, model.embed_tokens.weight)
 
 
-def test_keep_last_and_find_newest(tmp_path):
+@pytest.fixture
+def five_saves(tmp_path):
+    """A run folder saved at steps 10, 20, 30, 40 and 1000 with keep_last=3."""
     model = tiny_model()
     opt = trained(model)
     for step in (10, 20, 30, 40, 1000):
         save(tmp_path, step, model, opt, keep_last=3)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_0000030", "ckpt_0000040", "ckpt_0001000"]
-    assert checkpoint.find_checkpoint(tmp_path) == tmp_path / "ckpt_0001000"
-    assert checkpoint.find_checkpoint(tmp_path / "ckpt_0000030") == tmp_path / "ckpt_0000030"
+    return tmp_path
+
+
+def test_keep_last_prunes_the_oldest(five_saves):
+    names = sorted(p.name for p in five_saves.iterdir())
+    assert names == ["ckpt_0000030", "ckpt_0000040", "ckpt_0001000"]
+
+
+def test_find_checkpoint_newest_by_step(five_saves):
+    assert checkpoint.find_checkpoint(five_saves) == five_saves / "ckpt_0001000"
+    ckpt = five_saves / "ckpt_0000030"
+    assert checkpoint.find_checkpoint(ckpt) == ckpt  # a checkpoint is itself
 
 
 def test_find_checkpoint_default_prefers_first_stage(tmp_path):
@@ -88,8 +100,14 @@ def test_truncated_weights_give_one_clear_error(tmp_path):
     ckpt = save(tmp_path, 1, model, trained(model))
     f = ckpt / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file.*truncated"):
+    match = r"model\.safetensors is not a readable safetensors file.*truncated"
+    with pytest.raises(ValueError, match=match):
         checkpoint.load_model(ckpt)
+
+
+def test_truncated_optimizer_state_gives_one_clear_error(tmp_path):
+    model = tiny_model()
+    ckpt = save(tmp_path, 1, model, trained(model))
     (ckpt / "optimizer.pt").write_bytes((ckpt / "optimizer.pt").read_bytes()[:100])
     with pytest.raises(ValueError, match=r"optimizer\.pt cannot be loaded"):
         checkpoint.load_trainer_state(ckpt)
@@ -101,7 +119,8 @@ def test_shape_mismatch_gives_one_clear_error(tmp_path):
     meta = json.loads((ckpt / "meta.json").read_text())
     meta["model_config"]["d_model"] *= 2
     (ckpt / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"model\.safetensors does not match its model config: .* has shape"):
+    match = r"model\.safetensors does not match its model config: .* has shape"
+    with pytest.raises(ValueError, match=match):
         checkpoint.load_model(ckpt)
 
 
@@ -122,7 +141,8 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         model.norm.weight.add_(1.0)
     with pytest.raises(OSError, match="No space left"):
         save(tmp_path, 2, model, opt, keep_last=1)
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt_0000001"]  # no temp folder, nothing pruned
+    # no temp folder, nothing pruned
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt_0000001"]
     assert checkpoint.find_checkpoint(tmp_path) == good
     loaded, _, _ = checkpoint.load_model(tmp_path)
     assert torch.equal(loaded.norm.weight, saved_norm)

@@ -1,4 +1,5 @@
-"""eval_mmlu.py: lm-eval's prompt strings, scores against direct log-softmax, a model that always says C, bad CSVs."""
+"""eval_mmlu.py: lm-eval's prompt strings, scores against direct log-softmax, a model that always
+says C, bad CSVs."""
 import csv
 import json
 import re
@@ -15,8 +16,10 @@ import llm
 ROOT = Path(__file__).resolve().parents[1]
 LETTERS = "ABCD"
 
-# A small MMLU-layout folder: (question, A, B, C, D, answer) rows. Real subject names, so categories apply.
-DEV = [(f"  What is {i} plus {i}? ", str(2 * i), str(i), "zero", "none of these", "A") for i in range(1, 6)]
+# A small MMLU-layout folder: (question, A, B, C, D, answer) rows. Real subject names, so categories
+# apply.
+DEV = [(f"  What is {i} plus {i}? ", str(2 * i), str(i), "zero", "none of these", "A")
+       for i in range(1, 6)]
 TEST = {
     "anatomy": [("Which organ pumps blood?", "lung", "liver", "heart", "skin", "C"),
                 ("How many bones, roughly, in an adult?", "206", "12", "1,000", "3", "A"),
@@ -26,8 +29,10 @@ TEST = {
     "astronomy": [("Closest star to Earth?", "Sirius", "Vega", "the Sun", "Polaris", "C"),
                   ("Planets in the solar system?", "7", "8", "9", "10", "B"),
                   ("What orbits the Earth?", "the Moon", "Mars", "the Sun", "Venus", "A")],
-    "world_religions": [("Which city is holy in three religions?", "Paris", "Oslo", "Lima", "Jerusalem", "D"),
-                        ("A long question " + "about many things " * 12 + "?", "yes", "no", "maybe", "never", "C")],
+    "world_religions": [("Which city is holy in three religions?", "Paris", "Oslo", "Lima",
+                         "Jerusalem", "D"),
+                        ("A long question " + "about many things " * 12 + "?", "yes", "no",
+                         "maybe", "never", "C")],
 }
 
 
@@ -43,21 +48,24 @@ def as_items(rows):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """The MMLU folder, a tiny BPE trained on MMLU-like text, and a random tiny model saved as a checkpoint."""
+    """The MMLU folder, a tiny BPE trained on MMLU-like text, and a random tiny model saved as a
+    checkpoint."""
     tmp = tmp_path_factory.mktemp("mmlu")
     for subject, rows in TEST.items():
         write_csv(tmp / "mmlu" / "test" / f"{subject}_test.csv", rows)
         write_csv(tmp / "mmlu" / "dev" / f"{subject}_dev.csv", DEV)
     corpus = tmp / "corpus.txt"
-    text = [f"{' '.join(r[:5])}\nAnswer: {r[5]}\nAnswer: {L}. {L} is right.\n" for rows in TEST.values()
-            for r in rows + DEV for L in LETTERS]
+    text = [f"{' '.join(r[:5])}\nAnswer: {r[5]}\nAnswer: {L}. {L} is right.\n"
+            for rows in TEST.values() for r in rows + DEV for L in LETTERS]
     corpus.write_text("".join(text) * 5)
     tok = bpe.train([str(corpus)], 400, tmp / "tok")
     torch.manual_seed(0)
     model = llm.LLM(llm.model_config("tiny", vocab_size=tok.vocab_size, max_seq_len=1024))
     with torch.no_grad():
-        model.lm_head.weight.mul_(30)  # peaked, not near-uniform, predictions: a wrong position would show
-    ckpt = checkpoint.save_checkpoint(tmp / "run", 1, model, torch.optim.SGD(model.parameters(), lr=0.1), {}, {}, tok)
+        # peaked, not near-uniform, predictions: a wrong position would show
+        model.lm_head.weight.mul_(30)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ckpt = checkpoint.save_checkpoint(tmp / "run", 1, model, opt, {}, {}, tok)
     model, tok, _ = checkpoint.load_model(ckpt)
     tests = {s: as_items(rows) for s, rows in TEST.items()}
     devs = {s: as_items(DEV) for s in TEST}
@@ -69,12 +77,13 @@ def test_prompt_strings_match_lm_eval():
     zero = ("The following are multiple choice questions (with answers) about anatomy.\n\n"
             "Where is the \"tibia\"?\nA. leg, lower\nB. arm\nC. skull\nD. hand\nAnswer:")
     assert eval_mmlu.build_prompt("anatomy", item, []) == zero
-    shots = "".join(f"What is {i} plus {i}?\nA. {2 * i}\nB. {i}\nC. zero\nD. none of these\nAnswer: A\n\n"
-                    for i in range(1, 6))
+    shots = "".join(f"What is {i} plus {i}?\nA. {2 * i}\nB. {i}\nC. zero\nD. none of these\n"
+                    "Answer: A\n\n" for i in range(1, 6))
     five = zero.replace("about anatomy.\n\n", "about anatomy.\n\n" + shots)
     assert eval_mmlu.build_prompt("anatomy", item, as_items(DEV)) == five
     assert eval_mmlu.build_prompt("world_religions", item, []).startswith(
-        "The following are multiple choice questions (with answers) about world religions.\n\nWhere")
+        "The following are multiple choice questions (with answers) about world religions.\n\n"
+        "Where")
     cloze = ("The following are questions (with answers) about anatomy.\n\n"
              "Question: What is 1 plus 1?\nAnswer: 2\n\nQuestion: Where is the \"tibia\"?\nAnswer:")
     assert eval_mmlu.build_prompt("anatomy", item, as_items(DEV)[:1], "cloze") == cloze
@@ -91,16 +100,19 @@ def direct_logprobs(model, ids):
 def test_letter_scores_equal_direct_log_softmax(setup, shots):
     tok, model = setup["tok"], setup["model"]
     letter_ids = [tok.encode(" " + L) for L in LETTERS]
-    assert all(len(t) == 1 for t in letter_ids), "the test tokenizer must have ' A'..' D' as single tokens"
+    assert all(len(t) == 1 for t in letter_ids), \
+        "the test tokenizer must have ' A'..' D' as single tokens"
     res = eval_mmlu.evaluate(model, tok, setup["tests"], setup["devs"], shots=shots, batch_size=3)
     assert res["dropped_shots"] == 0 and res["truncated"] == 0
     recs = iter(res["questions"])
     for subject, rows in TEST.items():
         for i, r in enumerate(rows):
-            head = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-            examples = "".join(f"{d[0].strip()}\nA. {d[1]}\nB. {d[2]}\nC. {d[3]}\nD. {d[4]}\nAnswer: {d[5]}\n\n"
-                               for d in DEV[:shots])
-            ctx = head + examples + f"{r[0].strip()}\nA. {r[1]}\nB. {r[2]}\nC. {r[3]}\nD. {r[4]}\nAnswer:"
+            head = ("The following are multiple choice questions (with answers) about "
+                    f"{subject.replace('_', ' ')}.\n\n")
+            examples = "".join(f"{d[0].strip()}\nA. {d[1]}\nB. {d[2]}\nC. {d[3]}\nD. {d[4]}\n"
+                               f"Answer: {d[5]}\n\n" for d in DEV[:shots])
+            ctx = head + examples + (f"{r[0].strip()}\nA. {r[1]}\nB. {r[2]}\nC. {r[3]}\n"
+                                     f"D. {r[4]}\nAnswer:")
             lp = direct_logprobs(model, [tok.bos_id] + tok.encode(ctx))[-1]
             want = [lp[t[0]].item() for t in letter_ids]
             rec = next(recs)
@@ -111,18 +123,22 @@ def test_letter_scores_equal_direct_log_softmax(setup, shots):
 
 def test_cloze_scores_equal_direct_computation(setup):
     tok, model = setup["tok"], setup["model"]
-    res = eval_mmlu.evaluate(model, tok, setup["tests"], setup["devs"], shots=1, method="cloze", batch_size=5)
+    res = eval_mmlu.evaluate(model, tok, setup["tests"], setup["devs"], shots=1, method="cloze",
+                             batch_size=5)
     recs = iter(res["questions"])
     for subject, rows in TEST.items():
         for r in rows:
-            ctx = (f"The following are questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-                   f"Question: {DEV[0][0].strip()}\nAnswer: {DEV[0][1]}\n\nQuestion: {r[0].strip()}\nAnswer:")
+            ctx = ("The following are questions (with answers) about "
+                   f"{subject.replace('_', ' ')}.\n\n"
+                   f"Question: {DEV[0][0].strip()}\nAnswer: {DEV[0][1]}\n\n"
+                   f"Question: {r[0].strip()}\nAnswer:")
             ctx_ids, want = tok.encode(ctx), []
             for choice in r[1:5]:
                 cont = tok.encode(ctx + " " + choice)[len(ctx_ids):]
                 ids = [tok.bos_id] + ctx_ids + cont
                 lp = direct_logprobs(model, ids)
-                want.append(sum(lp[len(ids) - len(cont) - 1 + j, t].item() for j, t in enumerate(cont)))
+                first = len(ids) - len(cont) - 1  # the position that predicts cont[0]
+                want.append(sum(lp[first + j, t].item() for j, t in enumerate(cont)))
             rec = next(recs)
             assert rec["loglik"] == pytest.approx(want, abs=1e-4)
             per_byte = [w / len((" " + c).encode()) for w, c in zip(want, r[1:5])]
@@ -138,41 +154,49 @@ def test_chat_scores_the_letter_at_the_assistant_turn(setup):
         {"role": "user", "content": f"{d[0].strip()}\nA. {d[1]}\nB. {d[2]}\nC. {d[3]}\nD. {d[4]}\n"
                                     "Answer with the letter."},
         {"role": "assistant", "content": "A"},
-        {"role": "user", "content": f"{r[0]}\nA. {r[1]}\nB. {r[2]}\nC. {r[3]}\nD. {r[4]}\nAnswer with the letter."}])
+        {"role": "user", "content": f"{r[0]}\nA. {r[1]}\nB. {r[2]}\nC. {r[3]}\nD. {r[4]}\n"
+                                    "Answer with the letter."}])
     lp = direct_logprobs(model, ids)[-1]
-    assert res["questions"][0]["loglik"] == pytest.approx([lp[tok.encode(L)[0]].item() for L in LETTERS], abs=1e-4)
+    want = [lp[tok.encode(L)[0]].item() for L in LETTERS]
+    assert res["questions"][0]["loglik"] == pytest.approx(want, abs=1e-4)
 
 
-def test_long_prompts_drop_shots_then_truncate(setup):
+def context_len(tok, item, shots):
+    """Length of the letter-method context of an anatomy question with these few-shot examples."""
+    return len(eval_mmlu.encode(tok, "anatomy", item, shots, "letter", False)[0])
+
+
+def test_long_prompt_drops_shots_last_first(setup, monkeypatch):
     tok, model = setup["tok"], setup["model"]
     tests = {"anatomy": setup["tests"]["anatomy"][:1]}
-    lengths = [len(eval_mmlu.encode(tok, "anatomy", tests["anatomy"][0], setup["devs"]["anatomy"][:k], "letter",
-                                    False)[0]) for k in range(6)]
-    old = model.config.max_seq_len
-    try:
-        model.config.max_seq_len = lengths[2]  # room for exactly two examples
-        res = eval_mmlu.evaluate(model, tok, tests, setup["devs"], shots=5)
-        assert (res["dropped_shots"], res["truncated"]) == (3, 0)
-        two_shot, _ = eval_mmlu.encode(tok, "anatomy", tests["anatomy"][0], setup["devs"]["anatomy"][:2], "letter",
-                                       False)
-        lp = direct_logprobs(model, two_shot)[-1]
-        want = [lp[tok.encode(" " + L)[0]].item() for L in LETTERS]
-        assert res["questions"][0]["loglik"] == pytest.approx(want, abs=1e-4)
-        model.config.max_seq_len = lengths[0] - 7  # even 0-shot is too long: keep the last tokens
-        res = eval_mmlu.evaluate(model, tok, tests, setup["devs"], shots=5)
-        assert (res["dropped_shots"], res["truncated"]) == (5, 1)
-        ctx, _ = eval_mmlu.encode(tok, "anatomy", tests["anatomy"][0], [], "letter", False)
-        lp = direct_logprobs(model, ctx[7:])[-1]
-        want = [lp[tok.encode(" " + L)[0]].item() for L in LETTERS]
-        assert res["questions"][0]["loglik"] == pytest.approx(want, abs=1e-4)
-    finally:
-        model.config.max_seq_len = old
+    shots = setup["devs"]["anatomy"]
+    room = context_len(tok, tests["anatomy"][0], shots[:2])  # for exactly two examples
+    monkeypatch.setattr(model.config, "max_seq_len", room)
+    res = eval_mmlu.evaluate(model, tok, tests, setup["devs"], shots=5)
+    assert (res["dropped_shots"], res["truncated"]) == (3, 0)
+    two_shot, _ = eval_mmlu.encode(tok, "anatomy", tests["anatomy"][0], shots[:2], "letter", False)
+    lp = direct_logprobs(model, two_shot)[-1]
+    want = [lp[tok.encode(" " + L)[0]].item() for L in LETTERS]
+    assert res["questions"][0]["loglik"] == pytest.approx(want, abs=1e-4)
+
+
+def test_too_long_zero_shot_prompt_keeps_its_last_tokens(setup, monkeypatch):
+    tok, model = setup["tok"], setup["model"]
+    tests = {"anatomy": setup["tests"]["anatomy"][:1]}
+    # even 0-shot is too long: keep the last tokens
+    monkeypatch.setattr(model.config, "max_seq_len", context_len(tok, tests["anatomy"][0], []) - 7)
+    res = eval_mmlu.evaluate(model, tok, tests, setup["devs"], shots=5)
+    assert (res["dropped_shots"], res["truncated"]) == (5, 1)
+    ctx, _ = eval_mmlu.encode(tok, "anatomy", tests["anatomy"][0], [], "letter", False)
+    lp = direct_logprobs(model, ctx[7:])[-1]
+    want = [lp[tok.encode(" " + L)[0]].item() for L in LETTERS]
+    assert res["questions"][0]["loglik"] == pytest.approx(want, abs=1e-4)
 
 
 def always_c_checkpoint(setup):
-    """The tiny model rewired so the logit of " C" is sqrt(d_model) and every other logit is 0, at every position:
-    attention and MLP write nothing (o_proj, down_proj = 0), every embedding is e_0, so the final RMSNorm gives
-    sqrt(d) * e_0, and only the lm_head row of " C" reads dimension 0."""
+    """The tiny model rewired so the logit of " C" is sqrt(d_model) and every other logit is 0, at
+    every position: attention and MLP write nothing (o_proj, down_proj = 0), every embedding is e_0,
+    so the final RMSNorm gives sqrt(d) * e_0, and only the lm_head row of " C" reads dimension 0."""
     tok, model = setup["tok"], setup["model"]
     always = llm.LLM(model.config)
     always.load_state_dict(model.state_dict())
@@ -184,13 +208,15 @@ def always_c_checkpoint(setup):
         always.embed_tokens.weight[:, 0] = 1.0
         always.lm_head.weight.zero_()
         always.lm_head.weight[tok.encode(" C")[0], 0] = 1.0
-    return checkpoint.save_checkpoint(setup["tmp"] / "always_c", 1, always, {}, {}, {}, bpe.Tokenizer.load(setup["tmp"] / "tok"))
+    tok = bpe.Tokenizer.load(setup["tmp"] / "tok")
+    return checkpoint.save_checkpoint(setup["tmp"] / "always_c", 1, always, {}, {}, {}, tok)
 
 
 def test_always_c_model_scores_the_fraction_of_c_answers(setup, capsys):
     ckpt = always_c_checkpoint(setup)
     out = setup["tmp"] / "always_c.json"
-    eval_mmlu.main(["--ckpt", str(ckpt), "--data", str(setup["data"]), "--device", "cpu", "--out", str(out)])
+    eval_mmlu.main(["--ckpt", str(ckpt), "--data", str(setup["data"]), "--device", "cpu",
+                    "--out", str(out)])
     table = capsys.readouterr().out
     res = json.loads(out.read_text())
     golds = [r[5] for rows in TEST.values() for r in rows]
@@ -201,15 +227,19 @@ def test_always_c_model_scores_the_fraction_of_c_answers(setup, capsys):
         assert res["metrics"]["acc"]["subjects"][subject]["acc"] == frac
     fracs = [[r[5] for r in rows].count("C") / len(rows) for rows in TEST.values()]
     assert res["metrics"]["acc"]["macro"] == pytest.approx(sum(fracs) / len(fracs))
-    assert set(res["metrics"]["acc"]["categories"]) == {"stem", "humanities"}  # anatomy+astronomy, world_religions
-    assert res["metrics"]["acc"]["categories"]["stem"]["n"] == len(TEST["anatomy"]) + len(TEST["astronomy"])
+    # anatomy and astronomy are stem, world_religions humanities
+    assert set(res["metrics"]["acc"]["categories"]) == {"stem", "humanities"}
+    stem = res["metrics"]["acc"]["categories"]["stem"]
+    assert stem["n"] == len(TEST["anatomy"]) + len(TEST["astronomy"])
     micro = res["metrics"]["acc"]["micro"]
     assert micro["ci95"][0] < micro["acc"] < micro["ci95"][1]
-    assert f"| **all (micro)** | {len(golds)} | {100 * micro['acc']:.2f} |" in table and "chance: 25.00%" in table
+    assert f"| **all (micro)** | {len(golds)} | {100 * micro['acc']:.2f} |" in table
+    assert "chance: 25.00%" in table
 
 
 def test_wilson_interval_matches_known_values():
-    # Wilson (1927): 0 successes in 10 -> upper bound z^2 / (n + z^2); 50/100 -> 0.4038..0.5962 (Newcombe 1998).
+    # Wilson (1927): 0 successes in 10 -> upper bound z^2 / (n + z^2); 50/100 -> 0.4038..0.5962
+    # (Newcombe 1998).
     assert eval_mmlu.wilson(0, 10) == pytest.approx([0.0, 1.96 ** 2 / (10 + 1.96 ** 2)], abs=1e-9)
     assert eval_mmlu.wilson(50, 100) == pytest.approx([0.4038, 0.5962], abs=1e-4)
 
@@ -238,14 +268,15 @@ def test_hf_export_gives_the_same_scores(setup):
     hf_dir = export_hf.export(setup["ckpt"], setup["tmp"] / "hf")
     hf_model, hf_tok, _ = checkpoint.load_model(hf_dir)
     tests = {"astronomy": setup["tests"]["astronomy"]}
-    ours = eval_mmlu.evaluate(setup["model"], setup["tok"], tests, setup["devs"], shots=5)["questions"]
+    ours = eval_mmlu.evaluate(setup["model"], setup["tok"], tests, setup["devs"],
+                              shots=5)["questions"]
     theirs = eval_mmlu.evaluate(hf_model, hf_tok, tests, setup["devs"], shots=5)["questions"]
     flat = lambda qs: [ll for q in qs for ll in q["loglik"]]
     assert flat(theirs) == pytest.approx(flat(ours), abs=1e-5)
     # and transformers' own LlamaForCausalLM on the exported folder agrees at the answer position
     ref = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
-    ctx, conts = eval_mmlu.encode(hf_tok, "astronomy", tests["astronomy"][0], setup["devs"]["astronomy"][:5],
-                                  "letter", False)
+    ctx, conts = eval_mmlu.encode(hf_tok, "astronomy", tests["astronomy"][0],
+                                  setup["devs"]["astronomy"][:5], "letter", False)
     with torch.no_grad():
         lp = torch.log_softmax(ref(torch.tensor([ctx])).logits[0, -1].double(), dim=-1)
     assert ours[0]["loglik"] == pytest.approx([lp[c[0]].item() for c in conts], abs=1e-4)
