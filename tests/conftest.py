@@ -61,3 +61,31 @@ def random_tiny_model(seed=0, **overrides):
             noise = torch.randn(p.shape, generator=g)
             p.copy_(1 + 0.2 * noise if name.endswith("norm.weight") else 0.1 * noise)
     return model.eval()
+
+
+# Words with every kind of text a tokenizer must survive: accents, CJK, Cyrillic, emoji, digits.
+UNICODE_WORDS = ("the a river stone lantern quiet seven clock garden north paper window early silver "
+                 "orchard thunder Zürich café naïve 東京 Привет 🙂 don't it's 1999 42.5 (note) -- hello, "
+                 "world!").split()
+
+
+def make_docs(n, seed=0):
+    """n made-up documents of 12..60 UNICODE_WORDS each, ending with a full stop."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(UNICODE_WORDS) for _ in range(rng.randint(12, 60))) + "."
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    """A 400-token BPE trained on 200 make_docs documents (the data and SFT tests' tokenizer)."""
+    folder = tmp_path_factory.mktemp("corpus")
+    (folder / "corpus.txt").write_text("\n\n".join(make_docs(200, seed=1)), encoding="utf-8")
+    out = tmp_path_factory.mktemp("tok")
+    bpe.train([str(folder / "corpus.txt")], 400, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    return bpe.Tokenizer.load(tok_dir)

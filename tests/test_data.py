@@ -3,7 +3,6 @@ its command line, and that preparation never imports torch."""
 import gzip
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -16,34 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 
 import bpe
-from conftest import skip_or_fail_on_ci
+from conftest import make_docs, skip_or_fail_on_ci
 import data
 import shards
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("the a river stone lantern quiet seven clock garden north paper window early silver "
-         "orchard thunder Zürich café naïve 東京 Привет 🙂 don't it's 1999 42.5 (note) -- hello, "
-         "world!").split()
 FORMATS = ["d.parquet", "d.arrow", "d.jsonl.gz", "d.jsonl.zst", "txt", "all.txt"]
-
-
-def make_docs(n, seed=0):
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(12, 60))) + "." for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    (folder / "corpus.txt").write_text("\n\n".join(make_docs(200, seed=1)), encoding="utf-8")
-    out = tmp_path_factory.mktemp("tok")
-    bpe.train([str(folder / "corpus.txt")], 400, out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    return bpe.Tokenizer.load(tok_dir)
 
 
 def split_docs(tokens, bos):

@@ -10,30 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import bpe
+from conftest import UNICODE_WORDS
 import sft_data
 
-WORDS = ("the a river stone lantern quiet seven clock garden north paper window early silver "
-         "orchard thunder Zürich café naïve 東京 Привет 🙂 don't it's 1999 42.5 (note) -- hello, "
-         "world!").split()
 LONG_Q = ("Which of the following best describes the reason that the migrating geese of the "
           "northern lakes fly in a wide V formation every autumn?")
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    rng = random.Random(1)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(12, 60))) + "."
-            for _ in range(200)]
-    folder = tmp_path_factory.mktemp("corpus")
-    (folder / "corpus.txt").write_text("\n\n".join(docs), encoding="utf-8")
-    out = tmp_path_factory.mktemp("tok")
-    bpe.train([str(folder / "corpus.txt")], 400, out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    return bpe.Tokenizer.load(tok_dir)
 
 
 GOOD = [
@@ -109,7 +90,7 @@ def chats_with_leak(tmp_path):
     rng = random.Random(0)
 
     def say(lo, hi):
-        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+        return " ".join(rng.choice(UNICODE_WORDS) for _ in range(rng.randint(lo, hi)))
     chats = [[{"role": "user", "content": say(3, 30)}, {"role": "assistant", "content": say(1, 30)}]
              for _ in range(60)]
     leak = [{"role": "user", "content": "Quiz: " + LONG_Q.upper() + " Think."},
