@@ -54,12 +54,15 @@ def _check(key, value, default, where):
 
 
 def _parse_value(key, raw, default):
-    """A command-line string -> a Python value: a literal when it parses, else the raw string where
-    a string fits."""
+    """A command-line string -> a Python value: text for a text key, as typed (--prompt "'hi'" keeps
+    its quotes, --out_dir=2024 is the folder "2024"); else a literal when it parses, else the raw
+    string where a string fits."""
     if isinstance(default, bool) and raw.lower() in ("true", "false"):
         return raw.lower() == "true"
     if isinstance(default, list):
         return [raw]
+    if isinstance(default, str):
+        return raw
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
@@ -67,8 +70,6 @@ def _parse_value(key, raw, default):
             return raw
         raise ValueError(f"could not parse --{key}={raw}: expected a {type(default).__name__} "
                          f"literal like {default!r}") from None
-    if isinstance(default, str) and not isinstance(value, str) and value is not None:
-        return raw  # --out_dir=2024 means the folder "2024"
     return value
 
 
@@ -121,6 +122,11 @@ def parse_args(defaults, argv=None, doc=None, config_file=False, positional=()):
     def checked(key, value, where):
         return value if value is None and key in nullable else _check(key, value, keys[key], where)
 
+    def parsed(key, raw):   # a command-line string; "None" resets a key whose default is None
+        if raw == "None" and key in nullable:
+            return None
+        return checked(key, _parse_value(key, raw, keys[key]), "")
+
     def known(key, where):
         if key not in keys:
             close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
@@ -142,12 +148,12 @@ def parse_args(defaults, argv=None, doc=None, config_file=False, positional=()):
                                  "--key value"
                                  + " (a config file may only come first)" * config_file)
             key = free.pop(0)
-            values[key] = checked(key, _parse_value(key, arg, keys[key]), "")
+            values[key] = parsed(key, arg)
             continue
         key, eq, raw = arg[2:].partition("=")  # split on the first '=' only: --prompt=a=b is "a=b"
         known(key, "")
         if eq:
-            values[key] = checked(key, _parse_value(key, raw, keys[key]), "")
+            values[key] = parsed(key, raw)
         elif isinstance(keys[key], list):  # --input a b c: every argument up to the next --key
             items = []
             while i < len(argv) and not argv[i].startswith("--"):
@@ -159,8 +165,8 @@ def parse_args(defaults, argv=None, doc=None, config_file=False, positional=()):
         elif isinstance(keys[key], bool) and (i == len(argv)
                                               or argv[i].lower() not in ("true", "false")):
             values[key] = True  # a bare --flag turns a bool on
-        elif i < len(argv):
-            values[key] = checked(key, _parse_value(key, argv[i], keys[key]), "")
+        elif i < len(argv) and not argv[i].startswith("--"):   # --out_dir --max_iters=5: a slip
+            values[key] = parsed(key, argv[i])
             i += 1
         else:
             raise ValueError(f"--{key} needs a value: write --{key}=VALUE")

@@ -37,6 +37,7 @@ import checkpoint
 import common
 import config
 import llm
+import runlog
 
 SUBJECT = "demo_world"
 LETTERS = "ABCD"
@@ -294,10 +295,6 @@ def cmd_world(args):
 # The report card: what the stages left behind (logs, eval JSON, chat transcript, stage times).
 
 
-def read_jsonl(path):
-    return [json.loads(line) for line in open(path)] if Path(path).exists() else []
-
-
 def read_times(path):
     """{stage: seconds} from timings.tsv, the newest time of each stage (a resumed stage appends
     again); {} when there is no file."""
@@ -307,11 +304,6 @@ def read_times(path):
             stage, sec = line.rstrip("\n").split("\t")
             times[stage] = float(sec)
     return times
-
-
-def first_last(rows, key):
-    vals = [(r["step"], r[key]) for r in rows if key in r]
-    return (vals[0], vals[-1]) if vals else (None, None)
 
 
 def run_summary(run_dir):
@@ -361,8 +353,10 @@ def cmd_report(args):
     times = read_times(out / "timings.tsv")
     pcfg, pmodel, pn, psteps = run_summary(out)
     scfg, _, _, ssteps = run_summary(sft)
-    (b0, bpb0), (b1, bpb1) = first_last(read_jsonl(out / "log.jsonl"), "val_bpb")
-    (s0, sl0), (s1, sl1) = first_last(read_jsonl(sft / "log.jsonl"), "val_loss")
+    bpb = runlog.read_curve(runlog.read_rows(out / "log.jsonl"), "val_bpb")
+    sft_loss = runlog.read_curve(runlog.read_rows(sft / "log.jsonl"), "val_loss")
+    (b0, bpb0), (b1, bpb1) = bpb[0], bpb[-1]
+    (s0, sl0), (s1, sl1) = sft_loss[0], sft_loss[-1]
     acc = json.loads((out / "mmlu.json").read_text())["metrics"]["acc"]["micro"]
     cloze = None
     if (out / "cloze.json").exists():

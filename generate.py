@@ -65,12 +65,12 @@ class InOutMatmul:
 
 
 class RopeTable:
-    """LLM.rope for generation: cos/sin of every position the model takes, computed once per
-    generate call and rounded to the cache's dtype once (as apply_rope would round them per step).
-    A step reads its rows instead of computing ~15 small ops, 2% of a decode step on CPU."""
+    """LLM.rope for generation: cos/sin of the max_len positions of one generate call, computed
+    once and rounded to the cache's dtype once (as apply_rope would round them per step). A step
+    reads its rows instead of computing ~15 small ops, 2% of a decode step on CPU."""
 
-    def __init__(self, config, device, dtype):
-        pos = torch.arange(config.max_seq_len, device=device)[None]             # (1, max_seq_len)
+    def __init__(self, config, max_len, device, dtype):
+        pos = torch.arange(max_len, device=device)[None]                        # (1, max_len)
         cos, sin = rope_cos_sin(pos, config.head_dim, config.rope_theta)       # (1, 1, max, hd)
         self.cos = cos[0, 0].to(dtype)                                           # (max, hd)
         self.sin = sin[0, 0].to(dtype)                                           # (max, hd)
@@ -88,6 +88,9 @@ def decode_copy(module):
     twin = object.__new__(type(module))
     vars(twin).update(vars(module))
     twin._modules = {}           # a dict of children of its own
+    # A forward set on the instance (train.py's activation checkpointing wraps block.forward) is
+    # bound to the original module and would bypass the copy: the class's forward runs instead.
+    vars(twin).pop("forward", None)
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
             setattr(twin, name, InOutMatmul(child))   # not a module: a plain attribute
@@ -108,7 +111,7 @@ def with_kv_cache(model, batch_size, max_len):
     weight = model.lm_head.weight
     for block in twin.layers:
         block.self_attn.kv_cache = KVCache(shape, weight.device, weight.dtype)
-    twin.rope = RopeTable(cfg, weight.device, weight.dtype)   # in place of the method LLM.rope
+    twin.rope = RopeTable(cfg, max_len, weight.device, weight.dtype)   # in place of LLM.rope
     return twin
 
 

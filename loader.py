@@ -11,6 +11,7 @@ fetched ahead. The order comes from a global row counter: on rank r a batch hold
 what 2 ranks with grad-accum 1 see. Shards are memory-mapped, never read whole.
 """
 import functools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -68,9 +69,10 @@ def _shuffle(k, n, seed):
 # ---------- Pretraining
 # memmaps of the recently used shards: thousands would pass the open-file limit
 @functools.lru_cache(maxsize=64)
-def _open_shard(path, n_tokens):
+def _open_shard(path, n_tokens, inode):
     """A shard whose header _Windows checked when it opened the directory: no header read on this
-    hot path (with many shards, random order misses this cache on most windows)."""
+    hot path (with many shards, random order misses this cache on most windows). The inode is part
+    of the key, so a shard re-written at the same path since is opened afresh."""
     return shards.open_tokens(path, n_tokens)
 
 
@@ -83,10 +85,14 @@ class _Windows:
         if not self.files:
             raise FileNotFoundError(f"no {split}_*.bin shards in {data_dir}: prepare them with "
                                     f"`python data.py --input ... --out {data_dir}`")
-        # check every header now, not hours into the run
-        self.sizes = [len(shards.read_shard(f, vocab_size)) for f in self.files]
-        # (vocab_size, tokenizer hash prefix) of each shard
-        tokenizers = {shards.shard_header(f)[::2] for f in self.files}
+        headers = [shards.shard_header(f) for f in self.files]   # all checked now, not hours in
+        self.sizes = [n for _, n, _ in headers]
+        self.inodes = [os.stat(f).st_ino for f in self.files]
+        tokenizers = {(vocab, tok_hash) for vocab, _, tok_hash in headers}
+        for f, (vocab, _, _) in zip(self.files, headers):
+            if vocab_size is not None and vocab != vocab_size:
+                raise ValueError(f"{f} was tokenized with vocab_size {vocab} but the model has "
+                                 f"{vocab_size}: use the tokenizer the data was prepared with")
         if len(tokenizers) > 1:
             raise ValueError(f"the shards in {data_dir} were made by different tokenizers "
                              f"{sorted(tokenizers)}: re-run data.py into an empty --out")
@@ -111,7 +117,7 @@ class _Windows:
             i = _shuffle(k, self.n, self.seed)
         shard = np.searchsorted(self.cum, i, side="right") - 1
         start = (i - self.cum[shard]) * self.T
-        return [_open_shard(self.files[s], self.sizes[s])[p:p + self.T + 1]
+        return [_open_shard(self.files[s], self.sizes[s], self.inodes[s])[p:p + self.T + 1]
                 for s, p in zip(shard, start)]
 
 

@@ -75,22 +75,27 @@ def _read_txt(path, chunk_chars):
             yield carry
 
 
-def _read_jsonl(path, field):
-    import pyarrow as pa  # .gz and .zst decompression, detected from the suffix
+def _jsonl_rows(path):
+    """(line number, record or None) for each non-blank line of a JSON-lines file (.gz and .zst
+    decompressed by pyarrow, detected from the suffix); None where a line is not JSON."""
+    import pyarrow as pa
     with pa.input_stream(str(path), compression="detect") as raw:
         for n, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8", newline="\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {n} is not valid JSON ({e}): fix or remove that "
-                                 "line") from None
-            if not isinstance(row, dict) or field not in row:
-                raise _missing_field(f"{path} line {n}", field,
-                                     row if isinstance(row, dict) else [])
-            if row[field] is not None:
-                yield row[field]
+            if line.strip():
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError:
+                    yield n, None
+
+
+def _read_jsonl(path, field):
+    for n, row in _jsonl_rows(path):
+        if row is None:
+            raise ValueError(f"{path} line {n} is not valid JSON: fix or remove that line")
+        if not isinstance(row, dict) or field not in row:
+            raise _missing_field(f"{path} line {n}", field, row if isinstance(row, dict) else [])
+        if row[field] is not None:
+            yield row[field]
 
 
 def _read_arrow_batches(path, field, batches, schema):
@@ -175,14 +180,7 @@ def iter_records(path):
         if head.startswith("["):
             yield from json.loads(path.read_text(encoding="utf-8"))
             return
-    import pyarrow as pa
-    with pa.input_stream(str(path), compression="detect") as raw:
-        for line in io.TextIOWrapper(raw, encoding="utf-8", newline="\n"):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    yield None
+    yield from (row for _, row in _jsonl_rows(path))
 
 
 def _hub_download(repo, patterns, max_files):

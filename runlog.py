@@ -63,6 +63,12 @@ class RunLog:
         self(row, f"eval step {row['step']}: {numbers}{samples}")
 
 
+def read_rows(log_path):
+    """The rows of a log.jsonl, in the order they were written."""
+    with open(log_path) as f:
+        return [json.loads(line) for line in f]
+
+
 def read_curve(rows, key):
     """[(step, value)] of the rows holding key, finite values only. A resumed run logs the steps
     after its checkpoint again: the last value of a step wins."""
@@ -83,18 +89,18 @@ def smooth(values, beta=None):
     return out
 
 
-def plot_losses(log_path, png_path, tokens_per_step=None, log_scale=False, size=(8, 5), dpi=100):
-    """Train and val loss against step as a PNG of size * dpi pixels (800 x 500 by default).
+def plot_losses(log_path, png_path, tokens_per_step=None, log_scale=False):
+    """Train and val loss against step as an 800 x 500 PNG.
     tokens_per_step adds tokens seen as a second x axis; log_scale puts the loss on a log axis.
     Returns False, drawing nothing, when the log holds no loss yet."""
     from matplotlib.figure import Figure   # here: the import costs ~0.5 s, paid at the end only
     from matplotlib.ticker import EngFormatter, FormatStrFormatter, MaxNLocator
-    rows = [json.loads(line) for line in open(log_path)]
+    rows = read_rows(log_path)
     train = read_curve(rows, "loss")
     val = read_curve(rows, "val_loss")
     if not train and not val:
         return False
-    fig = Figure(figsize=size, dpi=dpi, layout="constrained")
+    fig = Figure(figsize=(8, 5), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     if train:
         steps, losses = zip(*train)

@@ -50,6 +50,12 @@ def word_corpus_shards(root, n_docs, max_words, words=WORDS, rng=None):
     return root / "shards"
 
 
+def tiny_model(seed=0, **overrides):
+    """The tiny preset (plus overrides) as initialised for training, seeded."""
+    torch.manual_seed(seed)
+    return llm.LLM(llm.model_config("tiny", **overrides))
+
+
 def random_tiny_model(seed=0, **overrides):
     """The tiny preset (plus overrides) in eval mode with random weights of unit-ish scale, norm weights too, so
     every path changes the logits noticeably (init's ones and N(0, 0.02) would hide a swapped norm or rope)."""
@@ -89,3 +95,16 @@ def tok_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tok(tok_dir):
     return bpe.Tokenizer.load(tok_dir)
+
+
+def run_train(argv):
+    """train.main in this process, from the repo root (configs are relative paths), one thread."""
+    import train
+    cwd, threads = os.getcwd(), torch.get_num_threads()
+    os.chdir(ROOT)
+    torch.set_num_threads(1)
+    try:
+        return train.main(argv)
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)

@@ -5,12 +5,7 @@ import pytest
 import torch
 
 import checkpoint
-import llm
-
-
-def tiny_model(**overrides):
-    torch.manual_seed(0)
-    return llm.LLM(llm.model_config("tiny", **overrides))
+from conftest import tiny_model
 
 
 def trained(model):

@@ -156,3 +156,23 @@ def test_help_lists_every_key_with_its_comment(capsys):
     out = capsys.readouterr().out
     assert e.value.code == 0 and out.startswith("Score MMLU.")
     assert "--shots" in out and "few-shot examples from dev" in out and "--chat" in out
+
+
+def test_text_keys_keep_what_was_typed():
+    @dataclasses.dataclass
+    class Args:
+        prompt: str | None = None
+        system: str = ""
+    got = config.parse_args(Args(), ["--prompt", "'hi there'", "--system", "None"])
+    assert got == Args(prompt="'hi there'", system="None")
+    assert config.parse_args(Args(), ["--prompt=None"]).prompt is None  # back to its None default
+    assert config.parse_args(Args(), ["--prompt=[1, 2]"]).prompt == "[1, 2]"
+
+
+def test_an_option_is_never_taken_for_a_value():
+    @dataclasses.dataclass
+    class Args:
+        prompt: str | None = None
+        chat: bool = False
+    with pytest.raises(ValueError, match=r"--prompt needs a value"):
+        config.parse_args(Args(), ["--prompt", "--chat"])

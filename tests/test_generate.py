@@ -54,7 +54,7 @@ def test_kv_cache_greedy_equals_no_cache_greedy():
 
 
 def test_generation_sees_weights_changed_between_calls():
-    # Each generate call stacks and transposes the weights once (generate.InOutLinear): an optimizer
+    # Each generate call stacks and transposes the weights once (generate.InOutMatmul): an optimizer
     # step between two calls (as in training-time sampling) must reach the next call.
     model = tiny_model(n_kv_head=2)
     idx = prompt(model, 2, 9, seed=2)
@@ -65,6 +65,19 @@ def test_generation_sees_weights_changed_between_calls():
     after = tokens(model, idx, 20, temperature=0)
     assert torch.equal(after, greedy_by_full_forward(model, idx, 20))
     assert not torch.equal(after, before)
+
+
+def test_activation_checkpointed_blocks_generate_like_plain_ones():
+    # train.py's activation checkpointing sets block.forward on each block: the decode copy must not
+    # call that bound method of the original block (it would skip the KV cache).
+    from functools import partial
+    from torch.utils.checkpoint import checkpoint
+    model = tiny_model(n_kv_head=2)
+    idx = prompt(model, 2, 9, seed=2)
+    want = greedy_by_full_forward(model, idx, 20)
+    for block in model.layers:
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+    assert torch.equal(tokens(model, idx, 20, temperature=0), want)
 
 
 def test_chunked_prefill_equals_one_forward():
@@ -114,10 +127,11 @@ def test_fsdp_sharded_model_generates_like_the_plain_one():
 
 
 def test_kv_cache_refuses_to_overflow():
-    model = tiny_model()
-    cached = generate.with_kv_cache(model, 1, 4)
-    with torch.no_grad(), pytest.raises(ValueError, match="KV cache holds 4 positions"):
-        cached.hidden(torch.zeros(1, 5, dtype=torch.long))
+    cache = generate.KVCache((1, 2, 4, 8), "cpu", torch.float32)   # (B, KV, max_len, hd)
+    k = torch.zeros(1, 2, 3, 8)                                       # (B, KV, T, hd)
+    cache.update(0, k, k)
+    with pytest.raises(ValueError, match="KV cache holds 4 positions but 6 were requested"):
+        cache.update(3, k, k)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -6,14 +6,10 @@ import random
 import numpy as np
 import pytest
 
-import bpe
+from conftest import UNICODE_WORDS
 import loader
 import shards
 import sft_data
-
-WORDS = ("the a river stone lantern quiet seven clock garden north paper window early silver "
-         "orchard thunder Zürich café naïve 東京 Привет 🙂 don't it's 1999 42.5 (note) -- hello, "
-         "world!").split()
 
 
 def make_dir(folder, lengths, vocab=1000, offset=0, tok_hash="0" * 64):
@@ -172,16 +168,13 @@ SFT_T, SFT_B = 128, 2  # prepared with max_len 120: every conversation fits a ro
 
 
 @pytest.fixture(scope="module")
-def sft(tmp_path_factory):
-    """(SFT dir, {ids: mask} of every conversation, the tokenizer): 60 random chats."""
+def sft(tmp_path_factory, tok):
+    """(SFT dir, {ids: mask} of every conversation): 60 random chats."""
     root = tmp_path_factory.mktemp("sft")
     rng = random.Random(0)
 
     def say(lo, hi):
-        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
-    corpus = "\n\n".join(say(12, 60) + "." for _ in range(200))
-    (root / "corpus.txt").write_text(corpus, encoding="utf-8")
-    tok = bpe.train([str(root / "corpus.txt")], 400, root / "tok")
+        return " ".join(rng.choice(UNICODE_WORDS) for _ in range(rng.randint(lo, hi)))
     chats = [[{"role": "user", "content": say(3, 30)}, {"role": "assistant", "content": say(1, 30)}]
              for _ in range(60)]
     (root / "chat.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))

@@ -57,10 +57,16 @@ def test_grad_accum_keeps_the_global_batch():
         plan.grad_accum_steps(cfg, 4)
 
 
-def test_every_model_config_field_is_a_train_key():
-    keys = {f.name for f in dataclasses.fields(train.TrainConfig)}
-    assert {f.name for f in dataclasses.fields(llm.ModelConfig)} <= keys
-    assert "task" not in keys and "stage" in keys
+def test_every_model_config_field_is_a_train_key_that_reaches_the_model():
+    values = {"vocab_size": 600, "n_layer": 3, "n_head": 2, "n_kv_head": 1, "d_model": 32,
+              "ffn_hidden": 96, "rope_theta": 5e5, "norm_eps": 1e-6, "max_seq_len": 128,
+              "tie_embeddings": True}
+    # a new ModelConfig field needs a value here (and so a check that it can be set)
+    assert set(values) == {f.name for f in dataclasses.fields(llm.ModelConfig)}
+    argv = ["--model=tiny"] + [f"--{k}={v}" for k, v in values.items()]
+    mc = plan.model_config(config.parse_args(train.TrainConfig(), argv), vocab_size=300)
+    assert {k: getattr(mc, k) for k in values} == values
+    assert "task" not in {f.name for f in dataclasses.fields(train.TrainConfig)}
 
 
 def test_model_keys_override_the_preset():

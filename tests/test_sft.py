@@ -2,7 +2,6 @@
 and the tokenizer check. All data is written here: a word corpus, a chat set, a toy MMLU file.
 The token-weighted SFT loss is tested on train.train_step itself in test_train_step.py."""
 import json
-import os
 import random
 from pathlib import Path
 
@@ -12,11 +11,10 @@ import torch
 import bpe
 import checkpoint
 import conftest
+from conftest import run_train
 import generate
-import llm
 import loader
 import sft_data
-import train
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = conftest.WORDS + ["repeat"]
@@ -44,8 +42,7 @@ def dirs(tmp_path_factory):
 
 
 def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return llm.LLM(llm.model_config("tiny", vocab_size=300))
+    return conftest.tiny_model(seed, vocab_size=300)
 
 
 def test_packed_conversation_logits_equal_alone(dirs):
@@ -71,18 +68,6 @@ def greedy(model, tok, words, n=16):
     prompt = torch.tensor([tok.render_prompt([{"role": "user", "content": f"repeat {words}"}])])
     return [int(t) for t in generate.generate(model, prompt, n, temperature=0,
                                               stop_ids=[tok.eot_id])]
-
-
-def run_train(argv):
-    """train.main in this process, from the repo root (configs are relative paths), one thread."""
-    cwd, threads = os.getcwd(), torch.get_num_threads()
-    os.chdir(ROOT)
-    torch.set_num_threads(1)
-    try:
-        return train.main(argv)
-    finally:
-        os.chdir(cwd)
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import llm
+import conftest
 import tasks
 import train
 
@@ -24,8 +24,7 @@ T = 32
 
 
 def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return llm.LLM(llm.model_config("tiny", vocab_size=V))
+    return conftest.tiny_model(seed, vocab_size=V)
 
 
 def pretrain_batch(seed, B=2):
