@@ -17,6 +17,8 @@ is in shards.py, and loader.py reads the result at training time.
 
 Pretraining prep: read -> clean -> drop near-empty and duplicate documents -> split train/val by a
 hash of the text -> tokenize in worker processes -> shards, every document starting with <|bos|>.
+Whenever --val_fraction > 0 there is a val split: when the hash split lands too little (too few or
+too long documents, as ten books), the tail of the text goes to val as well (val_split.py).
 A prep that is killed resumes where it stopped when run again and ends byte-identical to an
 uninterrupted one: a work unit of --shard_mb MB of text becomes one shard, written to a temporary
 name and renamed, and .prep_state.json records the finished ones. No torch here.
@@ -43,6 +45,7 @@ import mmlu
 import readers
 import sft_data
 import shards
+import val_split
 
 MIN_CHARS = 10  # documents shorter than this after cleaning are "near-empty" and dropped
 
@@ -60,7 +63,7 @@ PRESETS = {
 }
 SFT_PRESETS = ("smoltalk", "alpaca", "dolly")
 STATS = ("docs_read", "docs_kept", "gutenberg_stripped", "dropped_empty", "dropped_duplicate",
-         "utf8_replaced", "text_bytes")
+         "utf8_replaced", "text_bytes", "val_hash_bytes", "val_tail_bytes", "val_tail_docs")
 
 
 # ---------- Reading and cleaning
@@ -85,7 +88,7 @@ def clean(text):
     return text.strip(), start is not None
 
 
-def _read_txt(path, txt_separator, stats):
+def _txt_documents(path, txt_separator, stats):
     """A txt file's documents; invalid UTF-8 is replaced (U+FFFD) and counted, never a crash."""
     raw = path.read_bytes()
     try:
@@ -114,7 +117,7 @@ def iter_docs(files, text_field, txt_separator, stats, wikitext=False):
     """Raw documents in file order; --txt_separator splits a txt file into documents."""
     for path in files:
         if path.name.endswith(".txt"):
-            yield from _read_txt(path, txt_separator, stats)
+            yield from _txt_documents(path, txt_separator, stats)
         elif wikitext:
             yield from _read_wikitext(path, text_field)
         else:
@@ -274,9 +277,12 @@ def _report(out, n, stats, val_fraction):
           f"near-empty and {stats['dropped_duplicate']} duplicates; {stats['gutenberg_stripped']} "
           f"Gutenberg headers stripped; {stats['utf8_replaced']} documents had invalid UTF-8 "
           "(replaced with U+FFFD)")
-    if val_fraction > 0 and n["val"] == 0:
-        print(f"note: no document fell into the val split; raise --val_fraction "
-              f"(now {val_fraction})")
+    if stats["val_tail_bytes"]:
+        target = val_split.val_target(val_fraction, stats["text_bytes"])
+        print(f"val: the split by document hash held out {stats['val_hash_bytes']:,} bytes of "
+              f"text, under half of the {target:,} wanted (too few or too long documents), so the "
+              f"last {stats['val_tail_bytes']:,} bytes of text, from the last "
+              f"{stats['val_tail_docs']} document(s), go to val as well")
 
 
 def prepare(inputs, tokenizer, out_dir, text_field="text", val_fraction=0.0005, workers=None,
@@ -298,6 +304,7 @@ def prepare(inputs, tokenizer, out_dir, text_field="text", val_fraction=0.0005, 
     shard_mb = shard_mb or min(100.0, max(1.0, input_mb / 64))
     docs = iter_docs(files, text_field, txt_separator, stats, wikitext)
     units = _units(docs, stats, int(shard_mb * 2**20), val_fraction, max_docs)
+    units = val_split.hold_out_tail(units, stats, val_fraction)
     first = next(units, None)  # a bad file or field fails here, before anything is written
     if first is None:
         raise ValueError(f"no documents left in {[str(f) for f in files]} after cleaning "
@@ -308,7 +315,8 @@ def prepare(inputs, tokenizer, out_dir, text_field="text", val_fraction=0.0005, 
     settings = {"sources": [[s["name"], s["sha256"]] for s in sources], "tokenizer_hash": tok.hash,
                 "text_field": text_field, "val_fraction": val_fraction,
                 "txt_separator": txt_separator, "max_docs": max_docs, "shard_mb": shard_mb,
-                "wikitext": wikitext, "version": shards.VERSION}
+                "wikitext": wikitext, "min_val_bytes": val_split.MIN_VAL_BYTES,
+                "version": shards.VERSION}
     out = Path(out_dir)
     state = _open_state(out, settings)
     tok.save(out)  # tokenizer.json is saved byte for byte, so the hash is unchanged
@@ -322,7 +330,7 @@ def prepare(inputs, tokenizer, out_dir, text_field="text", val_fraction=0.0005, 
             "settings": settings, "docs": stats, "train_tokens": n["train"],
             "val_tokens": n["val"], "train_shards": len(list(out.glob("train_*.bin"))),
             "val_shards": len(list(out.glob("val_*.bin")))}
-    common.write_atomic(out / "meta.json", (json.dumps(meta, indent=1) + "\n").encode())
+    common.write_json(out / "meta.json", meta, indent=1)
     _report(out, n, stats, val_fraction)
     return meta
 
@@ -371,7 +379,7 @@ def _check_args(a):
     """Refuse a bad command line before any download; fill in the default preset and --out."""
     if not a.tokenizer:
         raise ValueError("give --tokenizer DIR: a folder written by `python bpe.py ... --out DIR`")
-    bpe.load_for_data(a.tokenizer)  # a bad tokenizer fails now, not after an hour of downloading
+    bpe.load_for_data(a.tokenizer, need_bos=not a.sft)  # a bad tokenizer fails now, not later
     if a.input and a.source:
         raise ValueError("give either --input PATH... or --source PRESET, not both "
                          "(see python data.py --help)")

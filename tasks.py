@@ -5,7 +5,9 @@
     loader = stage.loader(cfg.data_dir, "train", rank, world_size, vocab_size)
     loss = train_step(model, batches, stage.n_tokens(batches), ...)
 
-Both classes have the same methods and attributes; nothing else chooses between them.
+Both classes have the same methods and attributes; nothing else chooses between them. check_data
+also sets stage.val, {suffix: dir} of the sources with a val split: empty after data.py
+--val_fraction 0, and then the run trains without eval.
 """
 import json
 from pathlib import Path
@@ -36,6 +38,22 @@ def check_prepared(data_dir, want, stage, presets, sft_flag=""):
                                     f"--out {d}`{which}")
 
 
+def val_sources(data_dir, has_val):
+    """{suffix: dir} of the dirs of data_dir whose val split has_val(dir): suffix "" for one dir,
+    "/NAME" for each source of a mixture (the suffix of its val_loss)."""
+    dirs = data_dirs(data_dir)
+    return {("" if len(dirs) == 1 else "/" + Path(d).name): d for d in dirs if has_val(Path(d))}
+
+
+def announce_val(stage, log):
+    """One line when a dir has no val split (data.py --val_fraction 0): the run goes on without
+    its eval rather than refusing."""
+    missing = [d for d in data_dirs(stage.cfg.data_dir) if d not in stage.val.values()]
+    if missing:
+        then = "evaluating the other sources only" if stage.val else "training without eval"
+        log(msg=f"no val split in {', '.join(missing)} (prepared with --val_fraction 0): {then}")
+
+
 class Pretrain:
     """Pretraining on token shards (one dir or a weighted mixture). The loss is the plain mean over
     every target of the step: all count, so the denominator is total_batch_tokens (no count, no
@@ -48,7 +66,9 @@ class Pretrain:
         self.cfg = cfg
 
     def check_data(self):
-        check_prepared(self.cfg.data_dir, "train_*.bin", self.name, data.PRESETS)
+        pretrain_presets = [p for p in data.PRESETS if p not in data.SFT_PRESETS]
+        check_prepared(self.cfg.data_dir, "train_*.bin", self.name, pretrain_presets)
+        self.val = val_sources(self.cfg.data_dir, lambda d: any(d.glob("val_*.bin")))
 
     def loader(self, data_dir, split, rank, world_size, vocab_size, sequential=False):
         cfg = self.cfg
@@ -63,7 +83,13 @@ class Pretrain:
         return {}
 
     def announce(self, log, loader, step):
-        pass
+        announce_val(self, log)
+
+
+def has_sft_val(d):
+    """Whether SFT dir d holds val conversations (--val_fraction 0 writes val files of none)."""
+    offsets = d / "val_offsets.npy"
+    return offsets.exists() and len(np.load(offsets, mmap_mode="r")) > 1
 
 
 class SFT:
@@ -85,6 +111,7 @@ class SFT:
                              "b.jsonl:0.3 --out DIR)")
         check_prepared(self.cfg.data_dir, "train_offsets.npy", self.name, data.SFT_PRESETS,
                        "--sft ")
+        self.val = val_sources(self.cfg.data_dir, has_sft_val)
 
     def loader(self, data_dir, split, rank, world_size, vocab_size, sequential=False):
         """Conversations packed into rows (vocab_size, sequential: the pretraining loader's)."""
@@ -130,6 +157,7 @@ class SFT:
             f"{meta.get('val_conversations')} val conversations; {loader.too_long} train "
             f"conversations longer than block_size + 1 skipped; {removed} removed for 13-gram "
             f"overlap with MMLU test ({mmlu}); record counts {meta.get('counts')}")
+        announce_val(self, log)
 
 
 STAGES = {"pretrain": Pretrain, "sft": SFT}

@@ -203,7 +203,8 @@ def setup(cfg):
     raw_model, ckpt = build_model(cfg, stage, tokenizer, device)
     if cfg.block_size > raw_model.config.max_seq_len:
         raise ValueError(f"block_size={cfg.block_size} exceeds the model's max_seq_len="
-                         f"{raw_model.config.max_seq_len}; lower block_size (or raise max_seq_len)")
+                         f"{raw_model.config.max_seq_len}; lower block_size (or raise max_seq_len "
+                         "from scratch)")
     loader = stage.loader(cfg.data_dir, "train", rank, world, tokenizer.vocab_size)
     dtype = plan.dtype(cfg, device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -282,12 +283,8 @@ def evaluate(run):
     eval_iters counts global batches, so 1 or N processes evaluate the same windows."""
     model = run.raw_model.eval()
     token_bytes = torch.tensor(run.tokenizer.token_bytes(), device=run.device)
-    dirs = tasks.data_dirs(run.cfg.data_dir)
-    sources = {}   # {"": loader}, or {"/name": loader} per source of a mixture
-    for d in dirs:
-        name = "" if len(dirs) == 1 else "/" + Path(d).name
-        sources[name] = run.stage.loader(d, "val", run.rank, run.world, run.tokenizer.vocab_size,
-                                         sequential=True)
+    sources = {suffix: run.stage.loader(d, "val", run.rank, run.world, run.tokenizer.vocab_size,
+                                        sequential=True) for suffix, d in run.stage.val.items()}
     steps = run.cfg.eval_iters * run.grad_accum
     numbers = loss_eval.evaluate_sources(model, sources, steps, token_bytes, run.autocast)
     results = {k: v for k, v in numbers.items() if k.split("/")[0] in run.stage.metrics}
@@ -374,7 +371,7 @@ def fit(run, stop):
     while True:
         last = step >= cfg.max_iters
         eval_due = cfg.eval_interval and cfg.eval_iters and (step % cfg.eval_interval == 0 or last)
-        if eval_due and not stopping and step != evaluated:
+        if eval_due and run.stage.val and not stopping and step != evaluated:
             run.log.eval({"step": step, **evaluate(run)})
             evaluated = step
         periodic = cfg.ckpt_interval and step % cfg.ckpt_interval == 0 and bad_steps == 0

@@ -235,15 +235,18 @@ def test_offline_preset_is_one_clear_line(tok_dir, tmp_path):
 # Resume, the command line, no torch
 
 
-def test_sigkill_then_rerun_is_byte_identical(tok_dir, tmp_path):
+# 0.25: the hash split lands; 0.0005: it gives nothing, and the last documents are held out
+@pytest.mark.parametrize("val_fraction, tail", [("0.25", False), ("0.0005", True)])
+def test_sigkill_then_rerun_is_byte_identical(tok_dir, tmp_path, val_fraction, tail):
     docs = make_docs(40, seed=5)
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    args = dict(val_fraction=0.25, shard_mb=1e-6)  # one document per shard: many shards
-    data.prepare([str(tmp_path / "in.jsonl")], tok_dir, tmp_path / "ref", workers=1, **args)
+    args = dict(val_fraction=float(val_fraction), shard_mb=1e-6)  # one document per shard
+    meta = data.prepare([str(tmp_path / "in.jsonl")], tok_dir, tmp_path / "ref", workers=1, **args)
+    assert (meta["docs"]["val_tail_bytes"] > 0) == tail
     out = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "data.py"), "--input", str(tmp_path / "in.jsonl"),
            "--tokenizer", str(tok_dir), "--out", str(out), "--workers", "2", "--val_fraction",
-           "0.25", "--shard_mb", "1e-6"]
+           val_fraction, "--shard_mb", "1e-6"]
     proc = subprocess.Popen(cmd, env={**os.environ, "KILN_PREP_SLEEP": "0.3"},
                             start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

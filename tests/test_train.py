@@ -22,13 +22,12 @@ from safetensors.torch import load_file
 
 import bpe
 import checkpoint
-from conftest import WORDS, word_corpus_shards
+from conftest import WORDS, run_train, word_corpus_shards
 import data
 import llm
 import loader
 import runlog
 import shards
-import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -42,18 +41,6 @@ def data_dir(tmp_path_factory):
 
 def args(data_dir, out_dir, *extra):
     return ["config/tiny.py", f"--data_dir={data_dir}", f"--out_dir={out_dir}", *extra]
-
-
-def run_in_process(argv):
-    """train.main in this process, from the repo root (configs are relative paths), one thread."""
-    cwd, threads = os.getcwd(), torch.get_num_threads()
-    os.chdir(ROOT)
-    torch.set_num_threads(1)
-    try:
-        return train.main(argv)
-    finally:
-        os.chdir(cwd)
-        torch.set_num_threads(threads)
 
 
 def spawn(argv, nproc=1):
@@ -83,7 +70,7 @@ def final_weights(out_dir):
 def single_run(data_dir, tmp_path_factory):
     """10 steps on one process (grad_accum 2), checkpoints at 5 and 10."""
     out_dir = tmp_path_factory.mktemp("single")
-    run_in_process(args(data_dir, out_dir, "--max_iters=10", "--ckpt_interval=5"))
+    run_train(args(data_dir, out_dir, "--max_iters=10", "--ckpt_interval=5"))
     return out_dir
 
 
@@ -125,9 +112,9 @@ def test_resume_does_not_repeat_the_eval_it_saved_after(data_dir, tmp_path):
     """The checkpoint at step 4 is written right after step 4's eval: resuming from it evaluates 6
     and 8, not 4 again (a second full eval and a duplicate log row per resume)."""
     argv = args(data_dir, tmp_path, "--max_iters=8", "--ckpt_interval=4", "--eval_interval=2")
-    run_in_process(argv)
+    run_train(argv)
     shutil.rmtree(tmp_path / "ckpt_0000008")
-    run_in_process(argv + ["--init_from=resume"])
+    run_train(argv + ["--init_from=resume"])
     rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     evals = [r["step"] for r in rows if "val_loss" in r]
     assert evals == [0, 2, 4, 6, 8, 6, 8]
@@ -193,7 +180,7 @@ def test_tiny_overfits_one_batch(data_dir, tmp_path):
     tokens = np.random.default_rng(0).integers(len(bpe.SPECIAL_TOKENS), tok.vocab_size, 8 * 64 + 1)
     for split in ("train", "val"):
         shards.write_shard(d / f"{split}_000000.bin", tokens, tok.vocab_size, tok.hash)
-    run_in_process(args(d, tmp_path / "run", "--max_iters=150", "--learning_rate=1e-2",
+    run_train(args(d, tmp_path / "run", "--max_iters=150", "--learning_rate=1e-2",
                         "--min_lr=1e-3", "--eval_interval=150", "--ckpt_interval=0"))
     loss = log_rows(tmp_path / "run", "loss")
     assert loss[1] > 5.0 and loss[150] < 0.05, (loss[1], loss[150])
@@ -205,7 +192,7 @@ def test_demo_config_lowers_val_bpb_on_shakespeare(shared_data, tmp_path):
     bpe.train([str(shared_data / "tinyshakespeare.txt")], 512, tmp_path / "tok")
     data.prepare([str(shared_data / "tinyshakespeare.txt")], tmp_path / "tok", tmp_path / "d",
                  txt_separator="\n\n", val_fraction=0.05, workers=1)
-    run_in_process(["config/demo.py", f"--data_dir={tmp_path / 'd'}",
+    run_train(["config/demo.py", f"--data_dir={tmp_path / 'd'}",
                     f"--out_dir={tmp_path / 'run'}", "--max_iters=12", "--eval_interval=12",
                     "--eval_iters=1", "--warmup_iters=2", "--batch_size=4", "--block_size=128",
                     "--total_batch_tokens=512", "--n_layer=2"])
@@ -222,7 +209,7 @@ def test_mixture_reports_each_source(data_dir, tmp_path):
             f.write(json.dumps({"text": words}) + "\n")
     data.prepare([str(tmp_path / "raw.jsonl")], data_dir, tmp_path / "other", val_fraction=0.2,
                  workers=1)
-    run_in_process(args(f"{data_dir}:0.7,{tmp_path / 'other'}:0.3", tmp_path / "run",
+    run_train(args(f"{data_dir}:0.7,{tmp_path / 'other'}:0.3", tmp_path / "run",
                         "--max_iters=2", "--eval_interval=2"))
     row = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")][-1]
     a, b = row[f"val_loss/{data_dir.name}"], row["val_loss/other"]
@@ -243,20 +230,20 @@ def test_mixture_reports_each_source(data_dir, tmp_path):
 ])
 def test_bad_config_fails_before_training(data_dir, tmp_path, extra, error, words):
     with pytest.raises(error, match=words):
-        run_in_process(args(data_dir, tmp_path / "run", *extra))
+        run_train(args(data_dir, tmp_path / "run", *extra))
     assert not (tmp_path / "run" / "log.jsonl").exists()
 
 
 def test_data_dir_without_shards(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="has no train_.*bin.*python data.py"):
-        run_in_process(args(tmp_path / "empty", tmp_path / "run"))
+        run_train(args(tmp_path / "empty", tmp_path / "run"))
 
 
 def test_resume_with_another_model_shape(data_dir, tmp_path):
-    run_in_process(args(data_dir, tmp_path, "--max_iters=1", "--eval_interval=0"))
+    run_train(args(data_dir, tmp_path, "--max_iters=1", "--eval_interval=0"))
     with pytest.raises(ValueError, match="another model shape: n_layer=2 .config: 3"):
-        run_in_process(args(data_dir, tmp_path, "--max_iters=2", "--init_from=resume",
+        run_train(args(data_dir, tmp_path, "--max_iters=2", "--init_from=resume",
                             "--n_layer=3"))
 
 
@@ -271,14 +258,14 @@ def test_cli_error_is_one_line(data_dir, tmp_path):
 
 def test_space_separated_values_work(data_dir, tmp_path):
     """`--max_iters 2` is `--max_iters=2` on train.py as on every script."""
-    run_in_process(["config/tiny.py", "--data_dir", str(data_dir), "--out_dir", str(tmp_path),
+    run_train(["config/tiny.py", "--data_dir", str(data_dir), "--out_dir", str(tmp_path),
                     "--max_iters", "2", "--eval_interval", "0"])
     assert sorted(log_rows(tmp_path, "loss")) == [1, 2]
 
 
 def test_rope_theta_is_a_config_key(data_dir, tmp_path):
     """Every llm.ModelConfig field is a train.py key: the checkpoint holds the model asked for."""
-    run_in_process(args(data_dir, tmp_path, "--max_iters=1", "--eval_interval=0",
+    run_train(args(data_dir, tmp_path, "--max_iters=1", "--eval_interval=0",
                         "--rope_theta=5e5", "--norm_eps=1e-6"))
     _, _, meta = checkpoint.load_model(tmp_path)
     assert meta["model_config"]["rope_theta"] == 5e5 and meta["model_config"]["norm_eps"] == 1e-6
@@ -286,7 +273,7 @@ def test_rope_theta_is_a_config_key(data_dir, tmp_path):
 
 
 def test_loss_png_is_drawn_at_the_end(data_dir, tmp_path):
-    run_in_process(args(data_dir, tmp_path, "--max_iters=2", "--eval_interval=0"))
+    run_train(args(data_dir, tmp_path, "--max_iters=2", "--eval_interval=0"))
     assert (tmp_path / "loss.png").stat().st_size > 1000
 
 
@@ -295,7 +282,7 @@ def test_failed_plot_does_not_fail_the_run(data_dir, tmp_path, monkeypatch, caps
     def broken(*a, **k):
         raise RuntimeError("no fonts")
     monkeypatch.setattr(runlog, "plot_losses", broken)
-    run_in_process(args(data_dir, tmp_path, "--max_iters=2", "--eval_interval=0"))
+    run_train(args(data_dir, tmp_path, "--max_iters=2", "--eval_interval=0"))
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["ckpt_0000002"]
     assert "loss.png not drawn (RuntimeError: no fonts)" in capsys.readouterr().out
 
@@ -345,7 +332,7 @@ def finite_except(model, poison):
 
 def test_nonfinite_step_is_skipped(data_dir, tmp_path, capsys):
     d, init, poison = poisoned_run(data_dir, tmp_path, bad_steps={3})
-    model = run_in_process(args(d, tmp_path / "run", f"--init_from={init}", "--max_iters=6",
+    model = run_train(args(d, tmp_path / "run", f"--init_from={init}", "--max_iters=6",
                                 "--eval_interval=0"))
     rows = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert [r["step"] for r in rows if "skipped" in r] == [3]
@@ -360,7 +347,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run(data_dir, tmp_path):
     run = tmp_path / "run"
     with pytest.raises(SystemExit, match="3 non-finite steps in a row .* last good checkpoint is "
                                          ".*ckpt_0000002"):
-        run_in_process(args(d, run, f"--init_from={init}", "--max_iters=10", "--ckpt_interval=2",
+        run_train(args(d, run, f"--init_from={init}", "--max_iters=10", "--ckpt_interval=2",
                             "--max_bad_steps=3", "--eval_interval=0"))
     assert [p.name for p in checkpoint.list_checkpoints(run)] == ["ckpt_0000002"]
     model, _, meta = checkpoint.load_model(run / "ckpt_0000002")
