@@ -31,9 +31,9 @@ def write_atomic(path, *chunks):
     os.replace(tmp, path)
 
 
-def write_json(path, obj):
+def write_json(path, obj, indent=2):
     """JSON, indented, written atomically."""
-    write_atomic(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+    write_atomic(path, (json.dumps(obj, indent=indent, default=str) + "\n").encode())
 
 
 def replace_dir(tmp, final):

@@ -20,15 +20,16 @@ cloze: lm-eval's `mmlu_continuation`
   shows signal in small models.
 --chat: each question is the user turn
   "{question.strip()}\\nA. {A}\\n...\\nD. {D}\\nAnswer with the letter.", rendered by
-  tokenizer.render_prompt (no system turn, ends with <|assistant|>); few-shot examples are earlier
-  user/assistant turns whose reply is the bare letter. Scored: tokens "A".."D" (no space) as the
-  reply.
-Tokens as lm-eval makes them: continuation = encode(context + continuation)[len(encode(context)):].
-The context starts with <|bos|> as every training document did (lm-eval: --model_args
-add_bos_token=True). A prompt longer than the model's max_seq_len drops few-shot examples, last
-first (counted); a 0-shot prompt that is still too long keeps its last tokens (counted). Accuracy:
-micro over questions (lm-eval's group score) and macro over subjects, with a 95% Wilson score
-interval; chance is 25%.
+  tokenizer.render_prompt with the model's own chat template (no system turn, ends with its
+  generation prompt, kiln's <|assistant|>); few-shot examples are earlier user/assistant turns whose
+  reply is the bare letter. Scored: tokens "A".."D" (no space) as the reply.
+Tokens as lm-eval makes them by default: encode = the model's tokenizer as transformers runs it with
+add_special_tokens=True, continuation = encode(context + continuation)[len(encode(context)):]. So
+the context starts with a BOS exactly when the model's tokenizer adds one itself: kiln's does
+(<|bos|>, as every training document starts), many Hugging Face models' do not. A prompt longer
+than the model's max_seq_len drops few-shot examples, last first (counted); a 0-shot prompt that is
+still too long keeps its last tokens (counted). Accuracy: micro over questions (lm-eval's group
+score) and macro over subjects, with a 95% Wilson score interval; chance is 25%.
 """
 import math
 from contextlib import nullcontext
@@ -102,9 +103,10 @@ def encode(tok, subject, item, shots, method, chat):
         return tok.render_prompt(chat_messages(item, shots)), [tok.encode(l) for l in LETTERS]
     ctx = build_prompt(subject, item, shots, method)
     conts = [" " + (c if method == "cloze" else l) for l, c in zip(LETTERS, item["choices"])]
-    ctx_ids = tok.encode(ctx)
-    wholes = tok.encode_batch([ctx + c for c in conts])
-    return [tok.bos_id] + ctx_ids, [w[len(ctx_ids):] for w in wholes]
+    # as lm-eval encodes: the model's tokenizer with add_special_tokens=True, so a BOS only where
+    # that tokenizer adds one itself (kiln's adds <|bos|>, as every training document starts)
+    ids = tok.encode_hf([ctx] + [ctx + c for c in conts])
+    return ids[0], [whole[len(ids[0]):] for whole in ids[1:]]
 
 
 def fit(tok, subject, item, shots, method, chat, max_len):

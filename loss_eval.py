@@ -62,7 +62,8 @@ def evaluate_sources(model, sources, steps, token_bytes, autocast):
 
 @torch.no_grad()
 def sft_samples(model, prompts, max_new_tokens, tokenizer, autocast):
-    """Greedy answers, up to <|end|>, to prompts (1-D token arrays, each ending with <|assistant|>)
+    """Greedy answers, up to the end of a reply (tokenizer.stop_ids: kiln's <|end|>, the chat
+    template's end-of-turn marker), to prompts (1-D token arrays, each ending with <|assistant|>)
     -> [{"prompt": text, "answer": text}]. A prompt with no room left in max_seq_len is skipped."""
     device = next(model.parameters()).device
     if hasattr(model, "unshard"):  # FSDP2: generate bypasses forward(), so gather the weights here
@@ -76,7 +77,7 @@ def sft_samples(model, prompts, max_new_tokens, tokenizer, autocast):
         # generate is a Python generator: consume it inside the block, or nothing is autocast
         with autocast:
             tokens = generate.generate(model, prompt, n_new, temperature=0,
-                                       stop_ids=[tokenizer.eot_id])
+                                       stop_ids=tokenizer.stop_ids)
             answer = [int(t) for t in tokens]
         samples.append({"prompt": tokenizer.decode(ids), "answer": tokenizer.decode(answer)})
     if hasattr(model, "reshard"):

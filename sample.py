@@ -4,7 +4,8 @@ Completion (streamed to stdout; the default checkpoint is the newest SFT run und
 newest pretraining run):
     python sample.py --prompt "Once upon a time" --max_new_tokens 200 --temperature 0.8 --top_k 50
     python sample.py --ckpt out/demo --prompt "The" --num_samples 3 --seed 0
-Terminal chat (multi-turn, through the same chat template as SFT; /reset clears it, /exit quits):
+Terminal chat (multi-turn, through the model's own chat template, the one SFT renders with: kiln's,
+or a Hugging Face folder's; /reset clears it, /exit quits):
     python sample.py --ckpt out/sft --chat --system "You are a helpful assistant."
 Browser chat (listens on 127.0.0.1 only; --host 0.0.0.0 opens it to the network, --share makes a
 public link):
@@ -55,15 +56,17 @@ def stream_text(model, tokenizer, prompt_ids, max_new_tokens=256, temperature=0.
                 top_p=None, seed=None):
     """Generate a continuation of prompt_ids and yield it as text, piece by piece.
 
-    Stops at <|end|> or <|bos|> (the end of a reply or of a document). The pieces joined are
+    Stops at the end of a reply (tokenizer.stop_ids: kiln's <|end|>, the chat template's
+    end-of-turn marker, eos) or at a BOS (the start of another document). The pieces joined are
     exactly tokenizer.decode(generated ids): we decode the whole list each step and yield the new
     suffix, holding it back while it ends in U+FFFD, i.e. while a multi-byte UTF-8 character is
     split across tokens.
     """
     ids = []
     shown = ""
+    stops = tuple(i for i in (*tokenizer.stop_ids, tokenizer.bos_id) if i is not None)
     for tok in generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed,
-                            stop_ids=(tokenizer.eot_id, tokenizer.bos_id)):
+                            stop_ids=stops):
         ids.append(tok)
         text = tokenizer.decode(ids)
         if text.endswith("\ufffd"):
@@ -232,7 +235,7 @@ def main(argv=None):
         print("compiling the decode step (once; torch caches it on disk for the next start)...",
               file=sys.stderr)
         generate.compile_decode(model)
-        for _ in generate_ids(model, [tokenizer.bos_id], 2, temperature=0):
+        for _ in generate_ids(model, [0], 2, temperature=0):
             pass
     if args.prompt is not None:
         complete(model, tokenizer, args)

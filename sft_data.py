@@ -3,16 +3,17 @@
     python data.py --sft --input chat.jsonl extra.parquet:0.5 --tokenizer data/tok --out data/chat
     prepare_sft(["chat.jsonl"], "data/tok", "data/chat", max_len=2048)  # the same, from Python
 
-Record formats: messages (role/content), conversations (from/value), alpaca
-(instruction/input/output), dolly (instruction/context/response), self-instruct
-(instruction/instances), question/answer (gsm8k). Records that share a 13-word n-gram with an MMLU
-test question are dropped (GPT-3's contamination check). Output: {train,val}_{ids (uint16),
-mask (uint8), offsets (int64)}.npy, meta.json and the tokenizer; loader.SFTLoader packs them into
-rows.
+Conversations are rendered with the tokenizer's chat template: kiln's own, or the one a Hugging
+Face tokenizer folder carries (--tokenizer HF_DIR); the loss mask is 1 exactly on each assistant
+message and its end-of-turn marker. Record formats: messages (role/content), conversations
+(from/value), alpaca (instruction/input/output), dolly (instruction/context/response),
+self-instruct (instruction/instances), question/answer (gsm8k). Records that share a 13-word
+n-gram with an MMLU test question are dropped (GPT-3's contamination check). Output:
+{train,val}_{ids (uint16), mask (uint8), offsets (int64)}.npy, meta.json and the tokenizer (with
+its chat template); loader.SFTLoader packs them into rows.
 """
 import hashlib
 import io
-import json
 import re
 from pathlib import Path
 
@@ -89,7 +90,8 @@ def _render(r, tokenizer, max_len, grams):
 
 
 def load_sft(inputs, tokenizer, max_len, grams=None):
-    """(convs, counts): convs = [(ids, mask)] rendered by tokenizer.render_chat from jsonl
+    """(convs, counts): convs = [(ids, mask)] rendered by tokenizer.render_chat (the model's chat
+    template; the mask is 1 on each assistant message and its end-of-turn marker) from jsonl
     (.gz/.zst), json or parquet records; inputs may carry weights ("chat.jsonl:2" repeats, ":0.5"
     keeps the first half). Records that are malformed, longer than max_len tokens or (with grams)
     overlapping MMLU are counted, not kept."""
@@ -149,7 +151,7 @@ def prepare_sft(inputs, tokenizer, out_dir, max_len=2048, val_fraction=0.02, mml
                 decontaminate=True):
     """Write an SFT dir: {train,val}_{ids (uint16), mask (uint8), offsets (int64)}.npy, meta.json,
     tokenizer; returns meta."""
-    tok = bpe.load_for_data(tokenizer)
+    tok = bpe.load_for_data(tokenizer, need_bos=False)  # the chat template writes what it needs
     grams = None
     mmlu_dir = mmlu_dir or mmlu.default_mmlu_dir()
     if decontaminate and mmlu_dir is None:
@@ -171,7 +173,7 @@ def prepare_sft(inputs, tokenizer, out_dir, max_len=2048, val_fraction=0.02, mml
                                 "removed": counts.get("contaminated", 0)},
             "train_conversations": int((~is_val).sum()),
             "val_conversations": int(is_val.sum())}
-    common.write_atomic(out / "meta.json", (json.dumps(meta, indent=1) + "\n").encode())
+    common.write_json(out / "meta.json", meta, indent=1)
     print(f"{out}: {meta['train_conversations']} train + {meta['val_conversations']} val "
           f"conversations; {counts}")
     return meta

@@ -291,7 +291,71 @@ def test_foreign_hf_tokenizer(tmp_path):
     hf = bpe.Tokenizer.load(tmp_path)
     assert (hf.bos_id, hf.eot_id) == (0, 1)
     assert hf.encode("<s>hi</s>")[0] != 0 and hf.decode(hf.encode("<s>hi</s>")) == "<s>hi</s>"
-    with pytest.raises(ValueError, match="no kiln chat tokens"):
+    with pytest.raises(ValueError, match="no chat template"):
         hf.render_chat([{"role": "user", "content": "hi"}])
     text = "a foreign <s> text 🙂"
     assert hf.token_bytes()[hf.encode(text)].sum() == len(text.encode())
+
+
+def old_kiln_tokenizer(tok, out):
+    """tok as bpe.train wrote it before the <|bos|> post-processor: tokenizer.json without one,
+    beside bpe.json."""
+    obj = json.loads(tok.data)
+    obj["post_processor"] = None
+    old = bpe.Tokenizer(json.dumps(obj).encode(), tok.meta)
+    old.save(out)
+    return bpe.Tokenizer.load(out)
+
+
+def test_trained_tokenizer_adds_bos_only_for_transformers(tok, tmp_path):
+    """kiln's own encode adds nothing; transformers' default encoding (add_special_tokens=True, as
+    lm-eval encodes) of the exported tokenizer starts with <|bos|>, as encode_hf does."""
+    import transformers
+    tok.save_hf(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "the quick brown fox 🙂"
+    assert tok.encode(text)[0] != tok.bos_id
+    assert hf(text)["input_ids"] == [tok.bos_id] + tok.encode(text) == tok.encode_hf([text])[0]
+
+
+def test_old_kiln_tokenizer_adds_bos_with_its_bytes_unchanged(tok, tmp_path):
+    old = old_kiln_tokenizer(tok, tmp_path / "old")
+    on_disk = (tmp_path / "old" / "tokenizer.json").read_bytes()
+    assert old.hash == hashlib.sha256(on_disk).hexdigest()
+    text = "the quick brown fox 🙂"
+    assert old.encode_hf([text])[0] == [old.bos_id] + old.encode(text) == tok.encode_hf([text])[0]
+    assert old.hash != tok.hash and bpe.Tokenizer.load(tmp_path / "old").hash == old.hash
+
+
+def test_old_kiln_tokenizer_export_adds_bos(tok, tmp_path):
+    import transformers
+    old = old_kiln_tokenizer(tok, tmp_path / "old")
+    old.save_hf(tmp_path / "hf")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "the quick brown fox 🙂"
+    assert hf(text)["input_ids"] == [old.bos_id] + old.encode(text)
+
+
+def test_hugging_face_conventions_survive_save(tmp_path):
+    """A Hugging Face tokenizer saved the kiln way (an SFT data dir, a checkpoint) keeps its
+    names and chat template (chat_template.jinja wins over the config's, as in transformers)."""
+    import tokenizers
+    t = tokenizers.Tokenizer(tokenizers.models.BPE())
+    t.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    t.train_from_iterator([corpus_text()[:5000]], trainer)
+    t.save(str(tmp_path / "tokenizer.json"))
+    template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
+    cfg = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": [
+        {"name": "tool_use", "template": "x"}, {"name": "default", "template": "y"}]}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert bpe.Tokenizer.load(tmp_path).template == "y"  # named templates: the default one
+    (tmp_path / "chat_template.jinja").write_text(template)
+    hf = bpe.Tokenizer.load(tmp_path)
+    hf.save(tmp_path / "saved")
+    back = bpe.Tokenizer.load(tmp_path / "saved")
+    assert (back.hash, back.template, back.bos_id, back.eot_id) == (hf.hash, template, 0, 1)
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert back.render_chat(msgs) == hf.render_chat(msgs)

@@ -280,3 +280,46 @@ def test_hf_export_gives_the_same_scores(setup):
     with torch.no_grad():
         lp = torch.log_softmax(ref(torch.tensor([ctx])).logits[0, -1].double(), dim=-1)
     assert ours[0]["loglik"] == pytest.approx([lp[c[0]].item() for c in conts], abs=1e-4)
+
+
+def transformers_encoding(hf_dir, ctx, conts):
+    """lm-eval's default encoding with transformers' tokenizer of hf_dir: (context ids,
+    continuation ids), add_special_tokens=True."""
+    import transformers
+    hf = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    want = hf(ctx, add_special_tokens=True)["input_ids"]
+    return want, [hf(ctx + c, add_special_tokens=True)["input_ids"][len(want):] for c in conts]
+
+
+@pytest.mark.parametrize("method", ["letter", "cloze"])
+def test_exported_kiln_model_prompts_equal_transformers_encoding(setup, tmp_path, method):
+    """The export's tokenizer adds <|bos|> itself, so lm-eval with no add_bos_token gets kiln's
+    prompts: token for token, from the checkpoint and from the export alike."""
+    import export_hf
+    hf_dir = export_hf.export(setup["ckpt"], tmp_path / "hf")
+    _, hf_tok, _ = checkpoint.load_model(hf_dir)
+    item = setup["tests"]["anatomy"][3]
+    shots = setup["devs"]["anatomy"][:2]
+    ctx = eval_mmlu.build_prompt("anatomy", item, shots, method)
+    conts = [" " + (c if method == "cloze" else L) for L, c in zip(LETTERS, item["choices"])]
+    want = transformers_encoding(hf_dir, ctx, conts)
+    assert want[0][0] == setup["tok"].bos_id
+    for tok in (setup["tok"], hf_tok):
+        assert eval_mmlu.encode(tok, "anatomy", item, shots, method, False) == want
+
+
+def test_kiln_tokenizer_trained_before_its_bos_post_processor_keeps_its_prompts(setup, tmp_path):
+    """A tokenizer.json without the post-processor (bpe.json beside it, as bpe.py wrote them before)
+    still starts every MMLU prompt with <|bos|>, and so does transformers on its export."""
+    import export_hf
+    obj = json.loads(setup["tok"].data)
+    obj["post_processor"] = None
+    old = bpe.Tokenizer(json.dumps(obj).encode(), setup["tok"].meta)
+    ckpt = checkpoint.save_checkpoint(tmp_path / "run", 1, setup["model"], {}, {}, {}, old)
+    _, old, _ = checkpoint.load_model(ckpt)
+    item = setup["tests"]["anatomy"][0]
+    ctx = eval_mmlu.build_prompt("anatomy", item, [])
+    got = eval_mmlu.encode(old, "anatomy", item, [], "letter", False)
+    assert got[0] == [old.bos_id] + old.encode(ctx)
+    hf_dir = export_hf.export(ckpt, tmp_path / "hf")
+    assert got == transformers_encoding(hf_dir, ctx, [" " + L for L in LETTERS])
