@@ -5,6 +5,7 @@ code.
     python export_hf.py out/sft/ckpt_0002000 hf/sft  # one checkpoint
     python export_hf.py hf/demo                      # the newest sft (else pretrain) checkpoint
     python export_hf.py --ckpt out/demo --out hf/demo  # the first line, as options
+    python export_hf.py out/demo kiln.gguf --gguf q8_0  # one GGUF file: f32, f16, bf16 or q8_0
 
 Then, in Python:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -15,6 +16,10 @@ Writes config.json (LlamaForCausalLM), generation_config.json, model.safetensors
 checkpoint has a tokenizer, tokenizer.json + tokenizer_config.json (with the chat template) +
 special_tokens_map.json. kiln's tensor names are HF's minus the "model." prefix, and its RoPE is
 HF's rotate_half: no permutation.
+
+With --gguf TYPE, OUT is one GGUF file for llama.cpp, Ollama and LM Studio instead (gguf_export.py):
+the weights (matrices as TYPE, norms float32), the tokenizer and the chat template, e.g.
+    llama-cli -m kiln.gguf                       # llama.cpp: a chat in the file's own template
 """
 import json
 import shutil
@@ -27,6 +32,7 @@ from safetensors.torch import save_file
 import checkpoint
 import common
 import config
+import gguf_export
 
 
 def export(ckpt, out_dir):
@@ -67,10 +73,25 @@ def export(ckpt, out_dir):
     return out_dir
 
 
+def export_gguf(ckpt, out_file, kind):
+    """Write one GGUF file from a kiln checkpoint, run folder or Hugging Face folder; returns
+    out_file."""
+    gguf_export.check_type(kind)  # before loading a model that cannot be written
+    src = checkpoint.find_checkpoint(ckpt)
+    model, tokenizer, meta = checkpoint.load_model(src)
+    print(f"exporting {src} (step {meta.get('step')}, {model.num_params():,} parameters) "
+          f"-> {out_file} ({kind})")
+    run = src.parent if src.name.startswith("ckpt_") else src
+    return gguf_export.write_gguf(model, tokenizer, out_file, kind,
+                                  chat_template=tokenizer and tokenizer.template,
+                                  name=run.resolve().name)
+
+
 @dataclass
 class Args:
     ckpt: str | None = None  # checkpoint or run folder (default: the newest sft, else pretrain)
-    out: str | None = None   # the Hugging Face folder to write
+    out: str | None = None   # the Hugging Face folder to write (with --gguf: the .gguf file)
+    gguf: str | None = None  # f32, f16, bf16 or q8_0: write OUT as one GGUF file for llama.cpp
 
 
 def main(argv=None):
@@ -80,6 +101,14 @@ def main(argv=None):
         args = config.parse_args(Args(), argv, doc=__doc__, positional=("out",))
     if args.out is None:
         raise ValueError("no output folder: usage: python export_hf.py [CKPT_OR_RUN_DIR] OUT_DIR")
+    if args.gguf is not None:
+        export_gguf(args.ckpt, args.out, args.gguf)
+        print(f"wrote {args.out}: `llama-cli -m {args.out}` runs it (Ollama: `FROM {args.out}` in "
+              "a Modelfile)")
+        return
+    if args.out.endswith(".gguf"):
+        raise ValueError(f"{args.out} names a GGUF file: add --gguf TYPE (f32, f16, bf16 or q8_0), "
+                         "or name a folder for the Hugging Face export")
     export(args.ckpt, args.out)
     print(f"wrote {args.out}: AutoModelForCausalLM.from_pretrained({args.out!r}) loads it")
 

@@ -9,10 +9,10 @@ from conftest import ROOT
 # The floors, bottom first: a module may import modules of its own floor and of those below.
 FLOORS = [
     # the model, the tokenizer and small shared helpers
-    {"common", "config", "readers", "shards", "llm", "bpe"},
+    {"common", "config", "readers", "shards", "llm", "bpe", "chat"},
     # data preparation and loading, checkpoints, generation, what the training loop is built from
     {"checkpoint", "generate", "data", "sft_data", "mmlu", "loader", "tasks", "loss_eval", "plan",
-     "runlog"},
+     "runlog", "gguf_export", "val_split"},
     # the scripts
     {"train", "sample", "eval_mmlu", "export_hf", "demo"},
 ]
