@@ -5,7 +5,6 @@ against transformers: prompt and training ids, SFT masks, stop tokens, special-t
 a user, a terminal chat, an SFT run and MMLU prompts (the BOS rule)."""
 import io
 import json
-import os
 import random
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import bpe
 import eval_mmlu
 import sample
 import sft_data
-import train
+from conftest import run_train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -246,19 +245,6 @@ def test_terminal_chat_completes_two_turns(style, monkeypatch, capsys):
     assert replies[0] == hf_reply(model, hf, tok, msgs, 6)
     msgs += [{"role": "assistant", "content": replies[0]}, {"role": "user", "content": "And 42?"}]
     assert replies[1] == hf_reply(model, hf, tok, msgs, 6)
-
-
-def run_train(argv):
-    """train.main in this process, from the repo root (configs are relative paths), one thread."""
-    cwd = os.getcwd()
-    threads = torch.get_num_threads()
-    os.chdir(ROOT)
-    torch.set_num_threads(1)
-    try:
-        return train.main(argv)
-    finally:
-        os.chdir(cwd)
-        torch.set_num_threads(threads)
 
 
 def test_sft_from_the_folder_lowers_the_loss(folders, tmp_path):

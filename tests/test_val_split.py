@@ -7,23 +7,20 @@ in ../shared/data when present. Text and tokenizers are made here.
 """
 import hashlib
 import json
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import bpe
 import checkpoint
-from conftest import SHARED_DATA, WORDS, make_docs
+from conftest import SHARED_DATA, WORDS, make_docs, run_train
 import data
 import llm
 import readers
 import sft_data
 import shards
-import train
 import val_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,19 +60,6 @@ def split_texts(out, split):
 
 def longest_val_shard(out):
     return max(len(shards.read_shard(f)) for f in Path(out).glob("val_*.bin"))
-
-
-def run_train(argv):
-    """train.main in this process, from the repo root (configs are relative paths), one thread."""
-    cwd = os.getcwd()
-    threads = torch.get_num_threads()
-    os.chdir(ROOT)
-    torch.set_num_threads(1)
-    try:
-        return train.main(argv)
-    finally:
-        os.chdir(cwd)
-        torch.set_num_threads(threads)
 
 
 def log_rows(out_dir):
