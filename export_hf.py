@@ -82,9 +82,7 @@ def export_gguf(ckpt, out_file, kind):
     print(f"exporting {src} (step {meta.get('step')}, {model.num_params():,} parameters) "
           f"-> {out_file} ({kind})")
     run = src.parent if src.name.startswith("ckpt_") else src
-    return gguf_export.write_gguf(model, tokenizer, out_file, kind,
-                                  chat_template=tokenizer and tokenizer.template,
-                                  name=run.resolve().name)
+    return gguf_export.write_gguf(model, tokenizer, out_file, kind, name=run.resolve().name)
 
 
 @dataclass

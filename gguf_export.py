@@ -1,6 +1,6 @@
 """A kiln model as one GGUF file, the format llama.cpp, Ollama and LM Studio run.
 
-    path = write_gguf(model, tokenizer, "kiln.gguf", "q8_0", chat_template=tok.template)
+    path = write_gguf(model, tokenizer, "kiln.gguf", "q8_0")
 
 Written with `gguf`, the Python package of llama.cpp's own repository, so the layout, the key names
 and the q8_0 blocks are llama.cpp's by construction. What this file decides is the mapping:
@@ -153,7 +153,7 @@ def adds_bos(tokenizer):
     always, a Hugging Face folder's by its post-processor), as transformers and lm-eval encode."""
     if tokenizer.bos_id is None:
         return False
-    return tokenizer.hf.encode("a", add_special_tokens=True).ids[:1] == [tokenizer.bos_id]
+    return tokenizer.encode_hf(["a"])[0][:1] == [tokenizer.bos_id]
 
 
 def check_type(kind):
@@ -164,9 +164,9 @@ def check_type(kind):
                          f"{', '.join(TYPES)}")
 
 
-def write_gguf(model, tokenizer, path, kind="f16", chat_template=None, name="kiln"):
+def write_gguf(model, tokenizer, path, kind="f16", name="kiln"):
     """Write model + tokenizer as one GGUF file at path (atomically: a temporary name, then a
-    rename); returns path."""
+    rename); returns path. The chat template is the tokenizer's own (bpe.Tokenizer.template)."""
     check_type(kind)
     if tokenizer is None:
         raise ValueError("this checkpoint has no tokenizer, and a GGUF file must carry one: "
@@ -207,9 +207,8 @@ def write_gguf(model, tokenizer, path, kind="f16", chat_template=None, name="kil
             writer.add_eos_token_id(tokenizer.eot_id)
         writer.add_add_bos_token(adds_bos(tokenizer))
         writer.add_add_eos_token(False)
-        if chat_template:
-            writer.add_chat_template(template_for_engines(chat_template)
-                                     if isinstance(chat_template, str) else chat_template)
+        if tokenizer.template:
+            writer.add_chat_template(template_for_engines(tokenizer.template))
 
         for tensor_name, w in gguf_tensors(model):
             data, dtype = encode_tensor(w, qtype)

@@ -155,7 +155,7 @@ def test_gguf_tokenizer_puts_bos_first_like_kiln_documents(tmp_path, corpus_tok)
 
 def test_gguf_chat_template_renders_kiln_prompts(tmp_path, corpus_tok):
     _, tok = corpus_tok
-    path = write(tmp_path, random_tiny_model(), tok, "f16", chat_template=bpe.CHAT_TEMPLATE)
+    path = write(tmp_path, random_tiny_model(), tok, "f16")
     hf_tok = hf_tokenizer(path)
     conversations = [[{"role": "user", "content": TEXTS[i]}] for i in range(3)] + [
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world"},
