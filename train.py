@@ -15,7 +15,6 @@ Model keys: `model` (an llm.PRESETS name) and every llm.ModelConfig field, None 
 value (vocab_size: the tokenizer's; a larger one pads the embedding). Pretraining vs SFT: tasks.py.
 """
 import math
-import os
 import resource
 import signal
 import sys
@@ -23,14 +22,10 @@ import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields, make_dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint.state_dict as dcp
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.checkpoint import checkpoint as recompute
 
 import bpe
 import checkpoint
@@ -38,9 +33,12 @@ import common
 import config
 import llm
 import loss_eval
+import optim
+import parallel
 import plan
 import runlog
 import tasks
+import train_state
 
 # Every llm.ModelConfig field is a config key, None = the preset's value: nothing to keep in sync.
 ModelKeys = make_dataclass("ModelKeys", [(f.name, f.type | None, None)
@@ -91,18 +89,6 @@ class TrainConfig(ModelKeys):
 
 
 # ---- Setup: small steps, called in order by setup()
-def setup_device(cfg):
-    """-> (rank, world_size, device). torchrun sets RANK and WORLD_SIZE; else: one process."""
-    if "RANK" not in os.environ:
-        return 0, 1, common.pick_device(cfg.device)
-    use_cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
-    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device
-
-
 def build_model(cfg, stage, tokenizer, device):
     """-> (model, checkpoint dir or None): from scratch, resumed from out_dir, or another run's
     weights (init_from "pretrain": the newest pretraining checkpoint under out/; or a PATH)."""
@@ -129,49 +115,6 @@ def build_model(cfg, stage, tokenizer, device):
     return model.train(), ckpt
 
 
-def make_optimizer(cfg, raw_model, device):
-    """AdamW; weight decay on matrices (dim >= 2) only, never on norm gains. Fused on CUDA."""
-    params = [p for p in raw_model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.type == "cuda")
-
-
-def resume(ckpt, raw_model, optimizer, scaler, loader):
-    """Load the optimizer, scaler and data position of checkpoint ckpt -> where the loop resumes."""
-    saved = checkpoint.load_trainer_state(ckpt)
-    dcp.set_optimizer_state_dict(raw_model, optimizer, saved["optimizer"],
-                                 options=dcp.StateDictOptions(full_state_dict=True))
-    state = saved["state"]
-    loader.load_state_dict(state["data"])
-    scaler.load_state_dict(state["scaler"])
-    return {k: state.get(k) for k in ("step", "bad_steps", "evaluated_step")}
-
-
-def wrap_model(cfg, raw_model, dtype, device, world):
-    """Activation checkpointing and FSDP2 (in place), torch.compile, then DDP -> (the model that
-    trains, set_grad_sync(last) or None, compiled?). Gradients reduce on the last micro-step."""
-    if cfg.activation_checkpointing:   # keep each block's input; recompute the rest in backward
-        for block in raw_model.layers:
-            block.forward = partial(recompute, block.forward, use_reentrant=False)
-    if cfg.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        for block in raw_model.layers:   # one all-gather per block, overlapped with the one before
-            fully_shard(block, mp_policy=mp)
-        fully_shard(raw_model, mp_policy=mp)
-    use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
-    model = torch.compile(raw_model) if use_compile else raw_model   # compile before wrapping
-    if cfg.fsdp:
-        return model, raw_model.set_requires_gradient_sync, use_compile
-    if world == 1:
-        return model, None, use_compile
-    model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    # set_grad_sync(last) sets model.require_backward_grad_sync = last
-    return model, partial(setattr, model, "require_backward_grad_sync"), use_compile
-
-
 @dataclass
 class Run:
     """What setup() builds for the loop, which reads it and changes nothing in it."""
@@ -195,7 +138,7 @@ class Run:
 
 def setup(cfg):
     """Device, data, tokenizer, model, wrapping, optimizer, resume, log: all that can fail."""
-    rank, world, device = setup_device(cfg)
+    rank, world, device = parallel.setup_device(cfg)
     stage = tasks.STAGES[cfg.stage](cfg)
     stage.check_data()
     grad_accum = plan.grad_accum_steps(cfg, world)
@@ -209,11 +152,11 @@ def setup(cfg):
     dtype = plan.dtype(cfg, device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)   # fp16 only
-    model, set_grad_sync, use_compile = wrap_model(cfg, raw_model, dtype, device, world)
-    optimizer = make_optimizer(cfg, raw_model, device)
+    model, set_grad_sync, use_compile = parallel.wrap_model(cfg, raw_model, dtype, device, world)
+    optimizer = optim.make_optimizer(cfg, raw_model, device)
     start = {"step": 0, "bad_steps": 0, "evaluated_step": None}
     if cfg.init_from == "resume":
-        start = resume(ckpt, raw_model, optimizer, scaler, loader)
+        start = train_state.resume(ckpt, raw_model, optimizer, scaler, loader)
     log = runlog.RunLog(cfg.out_dir, rank == 0, config.config_dict(cfg),
                         cfg.wandb_log and cfg.wandb_project)
     if rank == 0:
@@ -293,22 +236,6 @@ def evaluate(run):
     return results
 
 
-def save(run, state):
-    """A checkpoint of the step in state: all processes take part (FSDP gathers), rank 0 writes.
-    No RNG state: training draws no random numbers (seeded data order, no dropout, greedy)."""
-    full = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = dcp.get_model_state_dict(run.raw_model, options=full) if run.cfg.fsdp else None
-    opt_state = dcp.get_optimizer_state_dict(run.raw_model, run.optimizer, options=full)
-    if run.rank == 0:
-        path = checkpoint.save_checkpoint(run.cfg.out_dir, state["step"], run.raw_model, opt_state,
-                                          config.config_dict(run.cfg), state, run.tokenizer,
-                                          keep_last=run.cfg.keep_last, stage=run.stage.name,
-                                          model_state=model_state)
-        print(f"saved {path}")
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def log_step(run, step, loss, lr, norm, dt, eta):
     """The step's row: speed, MFU (against the GPU's bf16 peak, where known) and peak memory."""
     tok_s = run.cfg.total_batch_tokens / dt
@@ -376,7 +303,7 @@ def fit(run, stop):
             evaluated = step
         periodic = cfg.ckpt_interval and step % cfg.ckpt_interval == 0 and bad_steps == 0
         if step > run.start["step"] and (last or stopping or periodic):
-            save(run, {"step": step, "data": data_state, "scaler": run.scaler.state_dict(),
+            train_state.save(run, {"step": step, "data": data_state, "scaler": run.scaler.state_dict(),
                        "bad_steps": bad_steps, "evaluated_step": evaluated})
         if last or stopping:
             return
