@@ -13,9 +13,11 @@ import dataclasses
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -160,6 +162,23 @@ def _read_hf_weights(path, device):
     return {k.removeprefix("model."): v for k, v in weights.items()}, path / files[0]
 
 
+@contextmanager
+def _shapes_only():
+    """Modules built here are shapes on the meta device, their initial values not drawn: random
+    init would cost seconds for 1B parameters, then be overwritten; and init on meta tensors goes
+    through torch._refs, which imports torch._dynamo (about 1 s of every eval_mmlu.py start)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_")
+    saved = {name: getattr(nn.init, name) for name in names}
+    for name in names:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, init in saved.items():
+            setattr(nn.init, name, init)
+
+
 def load_model(path=None, device="cpu"):
     """A kiln checkpoint, a run folder or a Hugging Face Llama folder -> (LLM in eval mode,
     Tokenizer or None, meta)."""
@@ -176,8 +195,7 @@ def load_model(path=None, device="cpu"):
         meta = {"format": "hf", "step": None, "stage": "hf",
                 "model_config": dataclasses.asdict(cfg), "run_config": {},
                 "tokenizer_hash": None, "hf_config": hf}
-    # shapes only: random init would cost seconds for 1B parameters, then be overwritten
-    with torch.device("meta"):
+    with _shapes_only():
         model = llm.LLM(cfg)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if cfg.tie_embeddings and "embed_tokens.weight" in weights and "lm_head.weight" in want:

@@ -77,6 +77,8 @@ class TrainConfig(ModelKeys):
     max_bad_steps: int = 5               # this many non-finite steps in a row stop the run
     fsdp: bool = False                   # FSDP2: shard weights, gradients, optimizer state
     activation_checkpointing: bool = False
+    attention_backends: str = "flash,efficient,math"  # CUDA SDPA kernels in priority order (README)
+    optimizer: str = "adamw"             # "adamw" | "muon" (hidden matrices; optim.py)
     wandb_log: bool = False
     wandb_project: str = "kiln"
     sft_samples: int = 3                 # SFT eval: greedy answers to this many held-out prompts
