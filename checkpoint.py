@@ -1,22 +1,27 @@
 """kiln checkpoints and the Hugging Face Llama mapping, both directions.
 
     path = save_checkpoint(out_dir, step, model, optimizer, run_config, state, tokenizer)
+    save_checkpoint(..., sharded=True); load_shards(ckpt, model, optimizer)  # FSDP: every process
     model, tokenizer, meta = load_model("out/demo")  # a checkpoint, a run or a Hugging Face folder
     hf_config(model.config, tokenizer), hf_state_dict(model)  # what export_hf.py writes
 
 A checkpoint: out/<run>/ckpt_0001000/ = model.safetensors, optimizer.pt, state.pt, meta.json,
-tokenizer.json, bpe.json. Written into a temporary folder and renamed, so a crash never leaves half
-a checkpoint.
+tokenizer.json, bpe.json. Under FSDP it is sharded (meta.json: "sharded": true): shards/ replaces
+model.safetensors and optimizer.pt, a torch.distributed.checkpoint folder with one file of weights
+and optimizer state per process and their index (.metadata, a pickle). Written into a temporary
+folder and renamed, so a crash never leaves half a checkpoint.
 Hugging Face names are kiln's with a "model." prefix (lm_head excepted); the RoPE layouts agree.
 """
 import dataclasses
 import json
 import shutil
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -25,7 +30,8 @@ import bpe
 import common
 import llm
 
-FORMAT_VERSION = 1  # bump when the checkpoint layout changes
+FORMAT_VERSION = 2  # bump when the checkpoint layout changes (2: sharded checkpoints)
+SHARDS = "shards"   # a sharded checkpoint's torch.distributed.checkpoint folder
 
 
 def _ckpt_step(path):
@@ -40,47 +46,129 @@ def list_checkpoints(run_dir):
 
 
 def save_checkpoint(out_dir, step, model, optimizer, run_config, state, tokenizer, keep_last=3,
-                    stage="pretrain", model_state=None):
+                    stage="pretrain", sharded=False):
     """Write out_dir/ckpt_{step:07d}/ atomically and keep only the newest keep_last checkpoints.
 
-    model is the unwrapped LLM (never DDP/compiled). Under FSDP pass its gathered full state dict
-    as model_state and the optimizer's full state dict as optimizer. state holds what resume needs
-    (step, data position): tensors, numbers, strings, lists and dicts only, so it loads with
-    weights_only=True. tokenizer (a bpe.Tokenizer, or None) is saved beside the weights and its
-    hash recorded in meta.json.
+    model is the unwrapped LLM (never DDP/compiled); optimizer its optimizer or that one's state
+    dict. sharded (FSDP): every process calls this with its FSDP-sharded model and its optimizer
+    and writes only its own shards; rank 0 writes the rest and renames. state holds what resume
+    needs (step, data position): tensors, numbers, strings, lists and dicts only, so it loads
+    with weights_only=True. tokenizer (a bpe.Tokenizer, or None) is saved beside the weights and
+    its hash recorded in meta.json.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"ckpt_{step:07d}"
-    for stale in out_dir.glob(".tmp_ckpt_*"):  # left by a run that was killed mid-save
-        shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir / f".tmp_ckpt_{step:07d}"
-    tmp.mkdir()
+    lead = not sharded or dist.get_rank() == 0   # writes all but the shards, renames, prunes
+    if lead:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob(".tmp_ckpt_*"):  # left by a run that was killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    if sharded:
+        dist.barrier()   # the others write into tmp only once rank 0 has emptied it
     try:
-        cfg = model.config
-        weights = model_state if model_state is not None else model.state_dict()
-        # safetensors refuses tensors that share memory: a tied lm_head is embed_tokens, saved once.
-        weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()
-                   if not (k == "lm_head.weight" and cfg.tie_embeddings)}
-        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
-        opt_state = optimizer.state_dict() if hasattr(optimizer, "state_dict") else optimizer
-        torch.save(opt_state, tmp / "optimizer.pt")
-        torch.save(state, tmp / "state.pt")
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        meta = {"format": "kiln", "version": FORMAT_VERSION, "step": step, "stage": stage,
-                "model_config": dataclasses.asdict(cfg), "run_config": run_config,
-                "tokenizer_hash": tokenizer.hash if tokenizer is not None else None,
-                "time": time.time(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-        common.write_json(tmp / "meta.json", meta)
-        common.replace_dir(tmp, final)
+        if sharded:
+            _write_shards(tmp / SHARDS, model, optimizer)
+        else:
+            _write_whole(tmp, model, optimizer)
+        if lead:
+            torch.save(state, tmp / "state.pt")
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+            meta = {"format": "kiln", "version": FORMAT_VERSION, "sharded": sharded, "step": step,
+                    "stage": stage, "model_config": dataclasses.asdict(model.config),
+                    "run_config": run_config,
+                    "tokenizer_hash": tokenizer.hash if tokenizer is not None else None,
+                    "time": time.time(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            common.write_json(tmp / "meta.json", meta)
+            common.replace_dir(tmp, final)
     except BaseException:  # disk full, Ctrl-C: leave the previous checkpoints as they were
-        shutil.rmtree(tmp, ignore_errors=True)
+        if lead:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if keep_last and keep_last > 0:
+    if lead and keep_last and keep_last > 0:
         for old in list_checkpoints(out_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_whole(folder, model, optimizer):
+    """model.safetensors and optimizer.pt, written by one process."""
+    # safetensors refuses tensors that share memory: a tied lm_head is embed_tokens, saved once.
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+               if not (k == "lm_head.weight" and model.config.tie_embeddings)}
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    opt_state = optimizer.state_dict() if hasattr(optimizer, "state_dict") else optimizer
+    torch.save(opt_state, folder / "optimizer.pt")
+
+
+def _write_shards(folder, model, optimizer):
+    """Each process writes the shards of weights and optimizer state it holds (nothing is
+    gathered) into folder/__RANK_0.distcp. dcp.save returns on every process only once all have
+    written and rank 0 has written the index (.metadata): then the folder is complete."""
+    import torch.distributed.checkpoint as dcp   # about 1 s to import: only where it is used
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    dcp.save({"model": get_model_state_dict(model),
+              "optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder)
+
+
+def load_shards(ckpt, model, optimizer):
+    """Resume from a sharded checkpoint: every process reads into model and optimizer only the
+    part it holds (its FSDP shard; a model that is not sharded reads the whole). Under torchrun
+    every process calls this; DCP reshards, so the number of processes may differ from the saving
+    run's (tested: 2 FSDP processes -> 1 plain one)."""
+    from torch.distributed.checkpoint import state_dict as dcp_state
+    _shard_index(Path(ckpt) / SHARDS)
+    state = {"model": dcp_state.get_model_state_dict(model),
+             "optimizer": dcp_state.get_optimizer_state_dict(model, optimizer)}
+    _dcp_load(state, Path(ckpt) / SHARDS, no_dist=not dist.is_initialized())
+    dcp_state.set_model_state_dict(model, state["model"])
+    dcp_state.set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def _shard_index(folder):
+    """The index (.metadata) of a sharded checkpoint, after checking that every shard file it
+    names is there and long enough: a truncated file is named, not found out halfway through."""
+    import torch.distributed.checkpoint as dcp   # about 1 s to import: only where it is used
+    try:
+        index = dcp.FileSystemReader(folder).read_metadata()
+    except Exception as e:   # no .metadata, or not a pickle of one
+        raise ValueError(_unreadable_shards(folder, e)) from None
+    need = {}
+    for item in index.storage_data.values():
+        need[item.relative_path] = max(need.get(item.relative_path, 0), item.offset + item.length)
+    for name, size in sorted(need.items()):
+        file = Path(folder) / name
+        have = file.stat().st_size if file.is_file() else None
+        if have is None or have < size:
+            what = "is missing" if have is None else f"is truncated ({have:,} of {size:,} bytes)"
+            raise ValueError(f"{file} {what}; copy the checkpoint again or use another one")
+    return index
+
+
+def _dcp_load(state, folder, no_dist):
+    """dcp.load, with a damaged or missing shard file as one ValueError line."""
+    import torch.distributed.checkpoint as dcp
+    try:
+        # no_dist warns "assuming the intent is to load in a single process": it is
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load(state, checkpoint_id=folder, no_dist=no_dist)
+    except (Exception, dcp.CheckpointException) as e:   # the latter is a BaseException
+        raise ValueError(_unreadable_shards(folder, e)) from None
+
+
+def _unreadable_shards(folder, error):
+    failures = getattr(error, "failures", None)   # CheckpointException: {rank: (error, trace)}
+    if failures:
+        error = next(iter(failures.values()))
+        error = error[0] if isinstance(error, tuple) else error
+    first = str(error).split(". ")[0][:100]   # torch.load's advice to unpickle is not ours
+    what = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    return (f"{folder} cannot be read ({what}); a shard file is missing, truncated or corrupt: "
+            "copy the checkpoint again or use another one")
 
 
 def _is_hf_dir(path):
@@ -120,6 +208,28 @@ def _read_safetensors(file, device):
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{file} is not a readable safetensors file ({e}); it is probably "
                          "truncated or corrupt: copy it again or use another checkpoint") from None
+
+
+def _read_shards(folder, device, tied):
+    """The whole model of a sharded checkpoint, put together in this one process from every
+    process's shards: no process group needed. A tied lm_head (saved as well) is left out."""
+    index = _shard_index(folder).state_dict_metadata
+    weights = {k: torch.empty(m.size, dtype=m.properties.dtype, device=device)
+               for k, m in index.items()
+               if k.startswith("model.") and not (tied and k == "model.lm_head.weight")}
+    _dcp_load(weights, folder, no_dist=True)   # no_dist: also under torchrun, read it all here
+    return {k.removeprefix("model."): v for k, v in weights.items()}
+
+
+def read_weights(ckpt, device="cpu"):
+    """The weights of a kiln checkpoint (or a run's newest) as saved, in either layout, a tied
+    lm_head left out -> (tensors by name, the file or folder they came from)."""
+    path = find_checkpoint(ckpt)
+    meta = json.loads((path / "meta.json").read_text())
+    if meta.get("sharded"):
+        tied = meta["model_config"].get("tie_embeddings", False)
+        return _read_shards(path / SHARDS, device, tied), path / SHARDS
+    return _read_safetensors(path / "model.safetensors", device), path / "model.safetensors"
 
 
 def _config_from_hf(hf, path):
@@ -186,8 +296,7 @@ def load_model(path=None, device="cpu"):
     if (path / "meta.json").is_file():
         meta = json.loads((path / "meta.json").read_text())
         cfg = llm.model_config(meta["model_config"])
-        weights_file = path / "model.safetensors"
-        weights = _read_safetensors(weights_file, device)
+        weights, weights_file = read_weights(path, device)
     else:
         hf = json.loads((path / "config.json").read_text())
         cfg = _config_from_hf(hf, path)
@@ -234,11 +343,11 @@ def load_model(path=None, device="cpu"):
 
 def load_trainer_state(ckpt_dir):
     """What resume needs besides the weights: {'optimizer', 'state', 'meta'} (pickle-free:
-    weights_only=True)."""
+    weights_only=True); no 'optimizer' from a sharded checkpoint (load_shards reads it)."""
     path = find_checkpoint(ckpt_dir)
     meta_file = path / "meta.json"
     out = {"meta": json.loads(meta_file.read_text()) if meta_file.is_file() else {}}
-    for name in ("optimizer", "state"):
+    for name in ("state",) if out["meta"].get("sharded") else ("optimizer", "state"):
         file = path / f"{name}.pt"
         if not file.is_file():
             raise FileNotFoundError(f"{file} does not exist: {path} is not a kiln training "

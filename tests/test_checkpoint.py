@@ -1,11 +1,13 @@
-"""checkpoint.py: save/load round trip, pruning, crash safety, finding the newest checkpoint."""
+"""checkpoint.py: save/load round trip, pruning, crash safety, finding the newest checkpoint; a
+training checkpoint resumed in another dtype (train_state.py). Sharded (FSDP) checkpoints:
+test_fsdp_checkpoint.py."""
 import json
 
 import pytest
 import torch
 
 import checkpoint
-from conftest import tiny_model
+from conftest import run_train, tiny_model, word_corpus_shards
 
 
 def trained(model):
@@ -157,3 +159,28 @@ def test_checkpoint_carries_its_tokenizer(tmp_path):
     other.save(ckpt)  # someone copies the wrong tokenizer in
     with pytest.raises(ValueError, match="is not the tokenizer this model was trained with"):
         checkpoint.load_model(ckpt)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return word_corpus_shards(tmp_path_factory.mktemp("dtype_data"), 100, 60)
+
+
+def test_resume_in_another_dtype(data_dir, tmp_path, capsys):
+    """A bf16 checkpoint resumed in fp16 gets a fresh loss scale (said once), instead of
+    GradScaler's crash on the empty scale a bf16 run saves; fp16 resumed in bf16 drops its scale.
+    The float32 weights and optimizer state carry over untouched."""
+    def train(dtype, steps, *extra):
+        run_train(["config/tiny.py", f"--data_dir={data_dir}", f"--out_dir={tmp_path}",
+                   "--eval_interval=0", f"--dtype={dtype}", f"--max_iters={steps}", *extra])
+        return capsys.readouterr().out
+    train("bfloat16", 2)
+    assert checkpoint.load_trainer_state(tmp_path)["state"]["scaler"] == {}
+    out = train("float16", 4, "--init_from=resume")
+    assert out.count("was trained in bfloat16 without loss scaling") == 1
+    assert "fresh loss scale of 65536" in out and "resuming at step 2" in out
+    state = checkpoint.load_trainer_state(tmp_path)["state"]
+    assert state["dtype"] == "float16" and state["scaler"]["scale"] > 0
+    out = train("bfloat16", 6, "--init_from=resume")
+    assert out.count("was trained in float16: its loss scale is dropped") == 1
+    assert checkpoint.load_trainer_state(tmp_path)["state"]["scaler"] == {}
