@@ -5,11 +5,14 @@ One file, read top to bottom: config and presets, the building blocks, the model
 are Hugging Face Llama's without the "model." prefix, so export/import is one line per tensor.
 Generation (KV cache, sampling, decode compilation) lives in generate.py, which runs this file's
 one forward on a decode copy of the model; what it sets there: Attention.kv_cache and, in place of
-two methods, faster Attention.project_qkv and LLM.rope.
+two methods, faster Attention.project_qkv and LLM.rope. Packed rows (doc_ids) attend inside their
+documents: FlexAttention with a BlockMask on CUDA, SDPA with a dense mask elsewhere. The loss is
+chunked (ChunkedCrossEntropy): no float32 logits of a whole batch.
 
     from llm import LLM, model_config
     model = LLM(model_config("tiny"))
-    logits, loss = model(idx, targets)                  # idx, targets: (B, T) LongTensors
+    logits, _ = model(idx)                              # idx: (B, T) LongTensor
+    _, loss = model(idx, targets)                       # targets: (B, T); logits never whole
 """
 import math
 from dataclasses import dataclass, fields
@@ -17,6 +20,17 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+# Devices whose packed rows (doc_ids) run FlexAttention. torch 2.13's flex_attention has no
+# backward on CPU or MPS (it raises NotImplementedError), so there they keep SDPA with a dense
+# (B, 1, T, T) mask; tests/test_flex_attention.py checks that both give the same logits and grads.
+FLEX_DEVICES = ("cuda",)
+# Tokens per chunk of the loss (ChunkedCrossEntropy): each chunk's float32 logits and their
+# gradient live only while it is computed: 1024 x 32768 x 4 bytes = 128 MiB each for a 32k vocab,
+# a 16th of a 1b micro-batch's (8 x 2048 tokens), yet each chunk's lm_head matmul stays a
+# GPU-filling (1024, d) x (d, V) GEMM. Demo and test batches of up to 1024 tokens are one chunk.
+LOSS_CHUNK = 1024
 
 
 @dataclass
@@ -133,19 +147,29 @@ def apply_rope(x, cos, sin):
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin                 # (B, H, T, head_dim)
 
 
-def doc_positions_and_mask(doc_ids):
-    """For packed rows: rotary positions that restart at 0 at each document, and a mask that keeps
-    attention inside a document. A document is a contiguous run of equal doc_ids, so ids may repeat
-    across a row."""
-    B, T = doc_ids.shape
-    t = torch.arange(T, device=doc_ids.device)                       # (T,)
+def doc_positions(doc_ids):
+    """For packed rows (B, T): rotary positions that restart at 0 at each document, and each token's
+    segment, the number of its document in the row. A document is a contiguous run of equal
+    doc_ids, so ids may repeat across a row."""
+    t = torch.arange(doc_ids.shape[1], device=doc_ids.device)        # (T,)
     starts = torch.ones_like(doc_ids, dtype=torch.bool)              # (B, T): True at a doc's start
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     first = torch.where(starts, t, 0).cummax(dim=1).values           # (B, T): where the doc starts
-    segment = starts.cumsum(dim=1)                                   # (B, T): 1, 1, 2, 2, 2, 3, ...
+    return t - first, starts.cumsum(dim=1)                           # (B, T), (B, T): 1, 1, 2, ...
+
+
+def doc_mask(segment, flex: bool):
+    """Causal attention inside each document of packed rows, from segment (B, T): a BlockMask for
+    flex_attention, which skips the blocks that cross documents and keeps GQA's K/V small
+    (torchtitan's document masking), or the dense (B, 1, T, T) boolean mask for SDPA."""
+    B, T = segment.shape
+    if flex:
+        def same_doc_causal(b, h, q, kv):
+            return (segment[b, q] == segment[b, kv]) & (kv <= q)
+        return create_block_mask(same_doc_causal, B, None, T, T, device=segment.device)
     same_doc = segment[:, :, None] == segment[:, None, :]            # (B, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    return t - first, (same_doc & causal)[:, None]                   # (B, T), (B, 1, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment.device).tril()
+    return (same_doc & causal)[:, None]                              # (B, 1, T, T)
 
 
 class Attention(nn.Module):
@@ -172,10 +196,13 @@ class Attention(nn.Module):
         v = qkv[:, H + KV:]                                                   # (B, KV, T, hd)
         if self.kv_cache is not None:   # the keys and values of positions before start are cached
             k, v = self.kv_cache.update(start, k, v)                          # (B, KV, start+T, hd)
-        # No mask: causal from the first position, or one new query that sees every cached key.
-        # Several new queries after cached keys get their mask from LLM.hidden, as packed docs do.
-        is_causal = mask is None and T > 1
         gqa = KV != H
+        if isinstance(mask, BlockMask):   # packed documents on CUDA (see doc_mask)
+            y = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)      # (B, H, T, hd)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))          # (B, T, d_model)
+        # No mask: causal from the first position, or one new query that sees every cached key.
+        # A dense mask: packed documents off CUDA, or several new queries after cached keys.
+        is_causal = mask is None and T > 1
         if gqa and mask is not None and q.is_cuda:
             # CUDA's masked kernels do not take GQA (SDPA would fall back to the slow math kernel),
             # so expand K/V here; the unmasked path (pretraining, FlashAttention) keeps them small.
@@ -218,6 +245,52 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask=None, start=0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """lm_head's cross-entropy, LOSS_CHUNK positions at a time: each chunk's float32 logits are
+    made, turned into its loss and its share of the gradients for h and weight, and dropped, so no
+    chunk's logits outlive it and backward only scales the gradients made here (Liger Kernel's
+    fused linear cross-entropy in plain torch: no recomputed matmul, unlike a checkpoint per chunk).
+
+    apply(h (N, d), weight (V, d), targets (N,) with -1 = ignore, with_grad) -> (sum of the losses,
+    the loss of each position (N,), float32, 0 where ignored; not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, with_grad):
+        device = h.device.type
+        # the matmuls in the dtype nn.Linear would use: autocast's if on, else h's
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        fp32 = torch.promote_types(dtype, torch.float32)   # float64 for a float64 model (tests)
+        x_all = h.to(dtype)
+        w = weight.to(dtype)
+        losses, dh = [], []
+        dw = torch.zeros_like(weight, dtype=fp32) if with_grad else None
+        with torch.autocast(device, enabled=False):
+            for i in range(0, h.shape[0], LOSS_CHUNK):
+                x = x_all[i:i + LOSS_CHUNK]                                  # (n, d)
+                t = targets[i:i + LOSS_CHUNK]                                # (n,)
+                logits = (x @ w.t()).to(fp32)                                # (n, V)
+                lse = logits.logsumexp(-1)                                   # (n,)
+                picked = logits.gather(1, t.clamp(min=0)[:, None])[:, 0]     # (n,)
+                valid = t != -1
+                losses.append((lse - picked) * valid)
+                if with_grad:   # d(loss)/d(logits) = softmax - one_hot(target); 0 where ignored
+                    g = logits.sub_(lse[:, None]).exp_()      # softmax, in logits' memory (n, V)
+                    g.scatter_add_(1, t.clamp(min=0)[:, None], -torch.ones_like(lse)[:, None])
+                    g = g.mul_(valid[:, None]).to(dtype)
+                    dh.append((g @ w).to(h.dtype))                           # (n, d)
+                    dw = dw + (g.t() @ x).to(fp32)                           # (V, d)
+        losses = torch.cat(losses)                                           # (N,)
+        ctx.mark_non_differentiable(losses)
+        if with_grad:
+            ctx.save_for_backward(torch.cat(dh), dw.to(weight.dtype))
+        return losses.sum(), losses
+
+    @staticmethod
+    def backward(ctx, grad_sum, grad_losses):
+        dh, dw = ctx.saved_tensors
+        return dh * grad_sum, dw * grad_sum, None, None
 
 
 # -------------------------------------------------------------------------------------------------
@@ -263,7 +336,8 @@ class LLM(nn.Module):
             if start:
                 raise ValueError("doc_ids cannot be combined with a KV cache; pass one or the "
                                  "other.")
-            pos, mask = doc_positions_and_mask(doc_ids)                 # (B, T), (B, 1, T, T)
+            pos, segment = doc_positions(doc_ids)                         # (B, T) each
+            mask = doc_mask(segment, flex=idx.device.type in FLEX_DEVICES)   # once per batch
         else:
             pos = torch.arange(start, start + T, device=idx.device)[None]          # (1, T)
             if start and T > 1:   # several new queries after cached keys: causal, bottom-right
@@ -281,24 +355,35 @@ class LLM(nn.Module):
         return rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
 
     def forward(self, idx, targets=None, loss_mask=None, doc_ids=None, reduction="mean"):
-        """idx (B, T). targets (B, T), -1 = ignore; loss_mask (B, T), 0 = ignore. doc_ids (B, T):
-        packed documents. Returns logits (B, T, V) and the cross-entropy (float32) over valid
-        positions: their mean, or their sum with reduction="sum". With no valid position the mean
-        is 0 (and so are the gradients), not NaN."""
-        logits = self.lm_head(self.hidden(idx, doc_ids))                 # (B, T, V)
+        """idx (B, T); doc_ids (B, T): packed documents. Without targets -> (logits (B, T, V),
+        None). With targets (B, T) -> (None, self.loss(...)): the logits are never whole."""
+        h = self.hidden(idx, doc_ids)                                    # (B, T, d_model)
         if targets is None:
-            return logits, None
+            return self.lm_head(h), None
+        return None, self.loss(h, targets, loss_mask, reduction)
+
+    def loss(self, h, targets, loss_mask=None, reduction="mean"):
+        """Cross-entropy (float32) of lm_head(h) against targets (B, T), -1 = ignore; loss_mask
+        (B, T), 0 = ignore. reduction "mean" over valid positions (0, not NaN, when there is none),
+        "sum", or "none": per position (B, T), 0 where ignored.
+
+        ChunkedCrossEntropy: no float32 logits of the whole batch, ever; backward keeps only the
+        gradients for h and lm_head made in forward. Traces with torch.compile(fullgraph=True)."""
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction={reduction!r} is not supported; use 'mean', 'sum' or "
+                             "'none'.")
         valid = targets != -1                                            # (B, T)
         if loss_mask is not None:
             valid = valid & (loss_mask != 0)
-        targets = targets.masked_fill(~valid, -1)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1,
-                               reduction="sum")
+        weight = self.lm_head.weight
+        with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+        total, losses = ChunkedCrossEntropy.apply(
+            h.flatten(0, 1), weight, targets.masked_fill(~valid, -1).flatten(), with_grad)
+        if reduction == "none":
+            return losses.view(targets.shape)
         if reduction == "sum":
-            return logits, loss
-        if reduction != "mean":
-            raise ValueError(f"reduction={reduction!r} is not supported; use 'mean' or 'sum'.")
-        return logits, loss / valid.sum().clamp(min=1)
+            return total
+        return total / valid.sum().clamp(min=1)
 
     def num_params(self, non_embedding=False) -> int:
         """Unique parameters (a tied matrix counts once). non_embedding drops the input embedding

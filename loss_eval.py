@@ -11,7 +11,6 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import generate
 
@@ -35,11 +34,12 @@ def evaluate_bpb(model, batches, steps, token_bytes, autocast):
     for _ in range(steps):
         x, y, doc_ids, _ = next(batches)
         x = x.to(device)                                                      # (B, T)
-        y = y.to(device).flatten()                                            # (B*T,)
+        y = y.to(device)                                                      # (B, T)
         doc_ids = None if doc_ids is None else doc_ids.to(device)             # (B, T)
-        with autocast:
-            logits, _ = model(x, doc_ids=doc_ids)                             # (B, T, V)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), y, ignore_index=-1, reduction="none")
+        with autocast:   # per-token float32 CE, 0 at y == -1, chunked: no whole-batch logits
+            _, ce = model(x, y, doc_ids=doc_ids, reduction="none")            # (B, T)
+        ce = ce.flatten()                                                     # (B*T,)
+        y = y.flatten()                                                       # (B*T,)
         nbytes = token_bytes[y.clamp(min=0)] * (y != -1)                      # (B*T,)
         sums += torch.stack([ce.sum(), (y != -1).sum(), ce[nbytes > 0].sum(), nbytes.sum()])
     ce_sum, n, ce_text, nbytes = all_sum(sums).tolist()

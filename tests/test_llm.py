@@ -5,7 +5,7 @@ import torch
 import transformers  # the outside reference: a pinned test dependency, so never skipped
 
 from conftest import random_tiny_model
-from llm import LLM, PRESETS, ModelConfig, doc_positions_and_mask, model_config
+from llm import LLM, PRESETS, ModelConfig, doc_mask, doc_positions, model_config
 
 
 tiny_model = random_tiny_model
@@ -84,18 +84,18 @@ def masked_batch():
 
 def loss_and_grads(model, idx, targets, loss_mask, reduction="mean"):
     model.zero_grad()
-    logits, loss = model(idx, targets, loss_mask=loss_mask, reduction=reduction)
+    _, loss = model(idx, targets, loss_mask=loss_mask, reduction=reduction)
     loss.backward()
-    return logits.detach(), loss.detach(), [p.grad.clone() for p in model.parameters()]
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
 def test_masked_positions_change_neither_loss_nor_gradients():
     model, idx, targets, loss_mask = masked_batch()
-    _, loss, grads = loss_and_grads(model, idx, targets, loss_mask)
+    loss, grads = loss_and_grads(model, idx, targets, loss_mask)
     perturbed = targets.clone()
     g = torch.Generator().manual_seed(8)
     perturbed[1, 8:] = torch.randint(0, model.config.vocab_size, (8,), generator=g)  # under mask 0
-    _, loss2, grads2 = loss_and_grads(model, idx, perturbed, loss_mask)
+    loss2, grads2 = loss_and_grads(model, idx, perturbed, loss_mask)
     assert loss2 == loss
     assert all(torch.equal(a, b) for a, b in zip(grads, grads2))
 
@@ -104,13 +104,13 @@ def test_target_minus_one_acts_as_mask_zero():
     # Real targets under mask 0 at the -1 positions give the same loss and gradients, so (with the
     # test above) what a -1 position holds reaches neither the loss nor any gradient.
     model, idx, targets, loss_mask = masked_batch()
-    _, loss, grads = loss_and_grads(model, idx, targets, loss_mask)
+    loss, grads = loss_and_grads(model, idx, targets, loss_mask)
     swapped = targets.clone()
     mask2 = loss_mask.clone()
     g = torch.Generator().manual_seed(9)
     swapped[0, :5] = torch.randint(0, model.config.vocab_size, (5,), generator=g)
     mask2[0, :5] = 0
-    _, loss3, grads3 = loss_and_grads(model, idx, swapped, mask2)
+    loss3, grads3 = loss_and_grads(model, idx, swapped, mask2)
     assert torch.allclose(loss3, loss, rtol=1e-6)
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads, grads3))
 
@@ -118,7 +118,9 @@ def test_target_minus_one_acts_as_mask_zero():
 def test_masked_loss_equals_float64_reference():
     # Independent reference: float64 log-softmax picked at the valid positions only.
     model, idx, targets, loss_mask = masked_batch()
-    logits, loss, _ = loss_and_grads(model, idx, targets, loss_mask)
+    loss, _ = loss_and_grads(model, idx, targets, loss_mask)
+    with torch.no_grad():
+        logits, _ = model(idx)
     valid = (targets != -1) & (loss_mask != 0)
     logp = logits.double().log_softmax(-1)
     ref = -logp[valid].gather(-1, targets[valid][:, None]).mean()
@@ -127,8 +129,8 @@ def test_masked_loss_equals_float64_reference():
 
 def test_sum_reduction_is_mean_times_valid_count():
     model, idx, targets, loss_mask = masked_batch()
-    _, loss, grads = loss_and_grads(model, idx, targets, loss_mask)
-    _, loss_sum, grads_sum = loss_and_grads(model, idx, targets, loss_mask, reduction="sum")
+    loss, grads = loss_and_grads(model, idx, targets, loss_mask)
+    loss_sum, grads_sum = loss_and_grads(model, idx, targets, loss_mask, reduction="sum")
     count = ((targets != -1) & (loss_mask != 0)).sum()
     assert torch.allclose(loss_sum, loss * count, rtol=1e-5)
     assert all(torch.allclose(a * count, b, rtol=1e-5, atol=1e-4) for a, b in zip(grads, grads_sum))
@@ -142,8 +144,10 @@ def test_loss_with_no_valid_position_is_zero_not_nan():
 
 
 def test_doc_positions_and_mask_by_hand():
-    pos, mask = doc_positions_and_mask(torch.tensor([[3, 3, 3, 5, 5, 3]]))
+    pos, segment = doc_positions(torch.tensor([[3, 3, 3, 5, 5, 3]]))
     assert pos.tolist() == [[0, 1, 2, 0, 1, 0]]
+    assert segment.tolist() == [[1, 1, 1, 2, 2, 3]]
+    mask = doc_mask(segment, flex=False)
     segment = [0, 0, 0, 1, 1, 2]
     expected = [[j <= i and segment[i] == segment[j] for j in range(6)] for i in range(6)]
     assert mask.shape == (1, 1, 6, 6) and mask[0, 0].tolist() == expected
