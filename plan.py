@@ -24,6 +24,18 @@ def peak_flops(gpu_name):
     return next((v for k, v in GPU_PEAK_FLOPS.items() if k.lower() in gpu_name.lower()), None)
 
 
+# HBM bandwidth (bytes/s) by the vendors' datasheets, for the decode limit of bench/gpu_check.py:
+# batch-1 decode reads every weight once per token. The first name contained in the device name
+# wins, as in GPU_PEAK_FLOPS.
+GPU_HBM_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12,
+                     "A100-SXM4-40GB": 1.555e12, "A100": 2.039e12}
+
+
+def hbm_bandwidth(gpu_name):
+    """The memory bandwidth of a GPU by name, or None for one not in the table."""
+    return next((v for k, v in GPU_HBM_BANDWIDTH.items() if k.lower() in gpu_name.lower()), None)
+
+
 def model_config(cfg, vocab_size):
     """The preset cfg.model, the config's model keys (every llm.ModelConfig field; None = the
     preset's), and the tokenizer's vocabulary (or cfg.vocab_size, a padded one at least that
@@ -86,26 +98,115 @@ def grad_accum_steps(cfg, world_size):
     return cfg.total_batch_tokens // per_micro_step
 
 
-def memory_rows(cfg, mc, n_params, gpus):
-    """[(what, bytes replicated, bytes per GPU under FSDP)]: weights, optimizer, activations."""
-    # Activation bytes per token (bf16, flash attention; from the tensors autograd saves): per layer
-    # the fp32 residual and norm inputs (~8h), q/k/v/attention output (~8h + 4kv), SwiGLU
-    # gate/up/act/product (8f); then bf16 + fp32 logits and their gradient (~8V). Activation
-    # checkpointing keeps only each layer's fp32 input.
+def activation_bytes_per_token(mc, compiled):
+    """Bytes that autograd keeps from forward to backward per token in each block, under bf16
+    autocast with SDPA's O(T) attention (flash-style: output and log-sum-exp, no T x T matrix), as
+    measured with saved-tensor hooks on one block (tests/test_plan.py). The bf16 weight copies are
+    not per token: see memory_rows."""
     h = mc.d_model
     kv = mc.n_kv_head * mc.head_dim
-    per_layer = 20 * h + 4 * kv + 8 * mc.ffn_hidden
+    f = mc.ffn_hidden
+    # Both modes: the bf16 q|k|v projections 2(h + 2kv) (v is a view of them), rotated q and k
+    # 2(h + kv), SDPA's output 2h and fp32 log-sum-exp 4 * n_head, rotary cos/sin in bf16
+    # 2 * 2 * head_dim, the two norms' fp32 1/rms 2 * 4.
+    common = 2 * (h + 2 * kv) + 2 * (h + kv) + 2 * h + 4 * mc.n_head + 4 * mc.head_dim + 8
+    if compiled:
+        # inductor's partitioner recomputes the norms, casts and silu in backward and keeps: the
+        # fp32 block input 4h, the bf16 normed inputs of attention and MLP 2 * 2h, one more bf16
+        # (B, T, d_model) tensor 2h, SwiGLU's gate, up and product 3 * 2f.
+        return common + 10 * h + 6 * f
+    # eager: fp32 block input, first norm's output, residual, second norm's output 4 * 4h; autocast
+    # casts the normed input to bf16 once per projection (q, k, v, gate, up) 5 * 2h; SwiGLU's gate,
+    # silu(gate), up and product 4 * 2f.
+    return common + 26 * h + 8 * f
+
+
+def loss_tail_bytes(mc, tokens):
+    """The final norm and llm.LLM.loss (llm.ChunkedCrossEntropy, which makes the gradients in
+    forward) -> (bytes kept for backward, bytes alive only while the loss runs, at the end of
+    forward). Kept: the norm's fp32 input and output and the fp32 gradient for h (12h per token),
+    the fp32 gradient for lm_head (4Vh). While it runs: bf16 copies of h and lm_head, the update
+    of lm_head's gradient (a bf16 product, its fp32 copy and the new sum: 10Vh), and one chunk of
+    llm.LOSS_CHUNK positions' logits: bf16, fp32 (the softmax reuses them) and bf16 gradient (8V)."""
+    h = mc.d_model
+    V = mc.vocab_size
+    kept = tokens * 12 * h + 4 * V * h
+    running = tokens * 2 * h + 12 * V * h + min(tokens, llm.LOSS_CHUNK) * 8 * V
+    return kept, running
+
+
+# parallel.wrap_model's DDP call: without gradient_as_bucket_view DDP keeps its all-reduce buckets
+# as a second fp32 copy of every gradient (tests/test_plan.py checks the two agree).
+DDP_GRADIENT_AS_BUCKET_VIEW = False
+
+
+def optimizer_bytes(cfg, model):
+    """AdamW: two fp32 moments per parameter; Muon (optim.py): one fp32 momentum per hidden matrix,
+    AdamW's two for the rest."""
+    n = model.num_params()
+    if cfg.optimizer != "muon":
+        return 8 * n
+    hidden = sum(p.numel() for p in model.layers.parameters() if p.dim() == 2)
+    return 4 * hidden + 8 * (n - hidden)
+
+
+def memory_rows(cfg, model, gpus, compiled):
+    """[(what, bytes per GPU replicated (one GPU or DDP), bytes per GPU under FSDP)], the totals
+    last; compiled: torch.compile'd blocks, else eager."""
+    mc = model.config
+    n = model.num_params()
+    block_matrices = sum(p.numel() for p in model.layers[0].parameters() if p.dim() == 2)
     micro_tokens = cfg.batch_size * cfg.block_size
-    act = micro_tokens * (mc.n_layer * per_layer + 8 * mc.vocab_size)
-    act_ckpt = micro_tokens * (mc.n_layer * 4 * h + per_layer + 8 * mc.vocab_size)
-    states = {"weights (fp32)": 4 * n_params, "gradients (fp32)": 4 * n_params,
-              "AdamW moments (fp32)": 8 * n_params}
-    total = sum(states.values())
-    return [(name, b, b / gpus) for name, b in states.items()] + [
-        (f"activations, micro-batch {cfg.batch_size}", act, act),
-        ("  with act. checkpointing", act_ckpt, act_ckpt),
-        ("total", total + act, total / gpus + act),
-        ("total with act. ckpt", total + act_ckpt, total / gpus + act_ckpt)]
+    states = [("weights (fp32)", 4 * n), ("gradients (fp32)", 4 * n),
+              (f"{cfg.optimizer} state (fp32)", optimizer_bytes(cfg, model))]
+    rows = [(name, b, b / gpus) for name, b in states]
+    # DDP's buckets exist from the start with more than one GPU; FSDP2 accumulates unsharded fp32
+    # gradients (its reduce_dtype) on micro-steps that skip the reduce-scatter (grad_accum > 1).
+    buckets = 4 * n if gpus > 1 and not DDP_GRADIENT_AS_BUCKET_VIEW else 0
+    fsdp_accum = 4 * n if grad_accum_steps(cfg, gpus) > 1 else 0
+    rows.append(("grad buckets / FSDP accumulation", buckets, fsdp_accum))
+    # Autocast's bf16 copies of the block matrices are saved for backward (lm_head's lives only
+    # while the loss runs: loss_tail_bytes); FSDP2 gathers bf16 weights instead: two blocks (one prefetched) and the root's
+    # embedding, norm and lm_head. Under checkpointing a block's copies live while it recomputes.
+    root = n - mc.n_layer * sum(p.numel() for p in model.layers[0].parameters())
+    copies = (2 * mc.n_layer * block_matrices, 2 * (2 * block_matrices + root))
+    copies_ckpt = (2 * block_matrices, copies[1])
+    per_layer = micro_tokens * activation_bytes_per_token(mc, compiled)
+    loss = sum(loss_tail_bytes(mc, micro_tokens))
+    act = mc.n_layer * per_layer + loss
+    # checkpointing keeps each block's fp32 input; backward recomputes one block at a time
+    act_ckpt = micro_tokens * mc.n_layer * 4 * mc.d_model + per_layer + loss
+    rows += [("bf16 weight copies", *copies), ("  with act. checkpointing", *copies_ckpt),
+             (f"activations, micro-batch {cfg.batch_size}", act, act),
+             ("  with act. checkpointing", act_ckpt, act_ckpt)]
+    fixed = [sum(r[i] for r in rows[:4]) for i in (1, 2)]   # weights to buckets, per column
+    return rows + [("total", *(fixed[i] + copies[i] + act for i in (0, 1))),
+                   ("total with act. ckpt",
+                    *(fixed[i] + copies_ckpt[i] + act_ckpt for i in (0, 1)))]
+
+
+def predicted_peak(cfg, model, gpus=1, compiled=True):
+    """The total memory_rows predicts for cfg's own mode (fsdp, activation_checkpointing)."""
+    totals = memory_rows(cfg, model, gpus, compiled)[-2:]
+    return totals[int(bool(cfg.activation_checkpointing))][2 if cfg.fsdp else 1]
+
+
+def print_memory(cfg, model, gpus):
+    """The memory table, one column replicated (1 GPU or DDP) and one FSDP, and what it assumed."""
+    compiled = cfg.compile is not False   # None: compiled on CUDA, which a plan is for
+    replicated = "1 GPU" if gpus == 1 else f"DDP/{gpus}"
+    print(f"  {'memory per GPU, GB':<38}{replicated:>8}  {f'FSDP/{gpus}':>8}")
+    for name, rep, sharded in memory_rows(cfg, model, gpus, compiled):
+        print(f"    {name:<36}{rep / 1e9:8.1f}  {sharded / 1e9:8.1f}")
+    per_token = {c: activation_bytes_per_token(model.config, c) / 1e3 for c in (True, False)}
+    mode = {True: "compiled", False: "eager"}
+    run = ("FSDP" if cfg.fsdp else replicated) + " + act. ckpt" * bool(cfg.activation_checkpointing)
+    print(f"    assumed: bf16 autocast, {mode[compiled]} blocks ({per_token[compiled]:.0f} KB per "
+          f"token per layer; {mode[not compiled]}: {per_token[not compiled]:.0f} KB),")
+    print(f"      flash-style attention, loss in chunks of {llm.LOSS_CHUNK} tokens, DDP "
+          f"gradient_as_bucket_view={DDP_GRADIENT_AS_BUCKET_VIEW}")
+    print(f"    this config runs: {run}")
+    print("    (+ ~2 GB for the CUDA context and workspaces; activations are an estimate)")
 
 
 def plan(cfg):
@@ -133,10 +234,7 @@ def plan(cfg):
           f"{cfg.block_size} tokens x {gpus} GPUs x {accum} accumulation steps")
     print(f"  total tokens      {tokens / 1e9:,.2f}B in {cfg.max_iters:,} steps = "
           f"{tokens / n:.1f} tokens per param")
-    print(f"  {'memory per GPU, GB':<30}{'replicated':>10}  {f'FSDP/{gpus}':>10}")
-    for name, replicated, sharded in memory_rows(cfg, mc, n, gpus):
-        print(f"    {name:<28}{replicated / 1e9:10.1f}  {sharded / 1e9:10.1f}")
-    print("    (+ ~2 GB for the CUDA context and workspaces; activations are an estimate)")
+    print_memory(cfg, model, gpus)
     print(f"  compute           {flops:.2e} FLOPs ({per_token:.2e} per token)")
     print(f"  predicted time    {seconds / 3600:,.1f} h ({tokens / seconds:,.0f} tokens/s)")
     print(f"  predicted cost    ${seconds / 3600 * gpus * cfg.plan_usd_per_gpu_hour:,.0f} at "
