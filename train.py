@@ -13,6 +13,8 @@ total_batch_tokens = batch_size * block_size * world_size * grad_accum, and grad
 so 1 or N processes run the same run: same data order, same losses up to float rounding.
 Model keys: `model` (an llm.PRESETS name) and every llm.ModelConfig field, None = the preset's
 value (vocab_size: the tokenizer's; a larger one pads the embedding). Pretraining vs SFT: tasks.py.
+The host waits for the device only on log steps, every max_bad_steps steps, at evals and
+checkpoints (read_due); a step with a non-finite loss or gradient is skipped on the device.
 """
 import math
 import resource
@@ -79,6 +81,7 @@ class TrainConfig(ModelKeys):
     activation_checkpointing: bool = False
     attention_backends: str = "flash,efficient,math"  # CUDA SDPA kernels in priority order (README)
     optimizer: str = "adamw"             # "adamw" | "muon" (hidden matrices; optim.py)
+    muon_lr: float = 0.02                # muon: the hidden matrices' peak lr (optim.py: the rule)
     wandb_log: bool = False
     wandb_project: str = "kiln"
     sft_samples: int = 3                 # SFT eval: greedy answers to this many held-out prompts
@@ -203,23 +206,42 @@ def train_step(model, batches, n_tokens, world_size=1, autocast=nullcontext(), s
     return loss_eval.all_sum(loss_sum) / n_tokens
 
 
+def gated_step(optimizer, skip):
+    """optimizer.step() unless skip (a 0-d bool tensor), decided on the device. torch's fused
+    optimizers (AdamW(fused=True), on CUDA, CPU and MPS) take GradScaler's found_inf flag and then
+    leave the weights, both moments and the step count exactly as they were. Any other optimizer
+    costs a host sync per step: skip is read."""
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = skip.float()   # the kernels skip on exactly 1.0
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not skip.item():
+        optimizer.step()
+
+
 def optimizer_step(run, loss):
-    """Unscale, clip and apply the gradients unless the loss or their norm is not finite (then the
-    weights stay as they were and the batch is dropped) -> (loss, grad norm, stepped)."""
+    """Unscale and clip the gradients, and apply them unless the loss or their norm is not finite
+    (then the weights and optimizer state stay exactly as they were and the batch is dropped), all
+    without waiting for the device -> (grad norm, bad): 0-d tensors that read_steps reads later.
+
+    Every process takes the same decision: the loss is summed over all processes, the norm is
+    global (FSDP all-reduces its shards' norms), and fp16's found-inf too (GradScaler.unscale_ on
+    FSDP2's DTensor gradients takes its max over the mesh; DDP's gradients are equal everywhere),
+    so the scale stays the same on every process. In fp16, inf gradients are the scaler's business
+    (it lowers the scale; the step is skipped), not a bad step."""
     run.scaler.unscale_(run.optimizer)
     params = [p for p in run.raw_model.parameters() if p.requires_grad]
     clip = run.cfg.grad_clip if run.cfg.grad_clip > 0 else math.inf
     norm = torch.nn.utils.clip_grad_norm_(params, clip)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm   # FSDP: a DTensor
-    loss = loss.item()
-    norm = norm.item()
-    # fp16: the scaler itself skips steps with inf gradients (and lowers its scale)
-    stepped = math.isfinite(loss) and (math.isfinite(norm) or run.scaler.is_enabled())
-    if stepped:
-        run.scaler.step(run.optimizer)
+    finite_loss = torch.isfinite(loss)
+    skip = ~(finite_loss & torch.isfinite(norm))
+    gated_step(run.optimizer, skip)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    return loss, norm, stepped
+    return norm, ~finite_loss if run.scaler.is_enabled() else skip
 
 
 # ---- Around the steps: eval, checkpoints, the step log, signals
@@ -238,8 +260,9 @@ def evaluate(run):
     return results
 
 
-def log_step(run, step, loss, lr, norm, dt, eta):
-    """The step's row: speed, MFU (against the GPU's bf16 peak, where known) and peak memory."""
+def log_step(run, step, lr, loss, norm, dt):
+    """The step's row: speed, MFU (against the GPU's bf16 peak, where known) and peak memory.
+    dt: the mean step time since the last read (read_due), the only times the host waits."""
     tok_s = run.cfg.total_batch_tokens / dt
     mfu = None
     if run.device.type == "cuda":
@@ -251,20 +274,53 @@ def log_step(run, step, loss, lr, norm, dt, eta):
         mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6   # Linux: KB
     run.log.step({"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "dt_ms": dt * 1000,
                   "tokens_per_s": tok_s, "mfu": mfu, "mem_gb": mem,
-                  "time": time.time() - run.log.t0}, run.cfg.max_iters, eta)
+                  "time": time.time() - run.log.t0}, run.cfg.max_iters,
+                 eta=dt * (run.cfg.max_iters - step))
 
 
-def count_bad_step(run, step, bad_steps, loss, norm):
-    """Log a skipped step; max_bad_steps of them in a row stop the run -> bad_steps."""
-    run.log({"step": step, "skipped": f"non-finite loss {loss} or grad norm {norm}"},
-            f"step {step}: skipped (loss {loss}, grad norm {norm}), {bad_steps} in a row")
-    if bad_steps >= run.cfg.max_bad_steps:
-        ckpts = checkpoint.list_checkpoints(run.cfg.out_dir)
-        raise SystemExit(f"error: {bad_steps} non-finite steps in a row (loss {loss}, grad norm "
-                         f"{norm}) at step {step}; stopped without saving, the last good "
-                         f"checkpoint is {ckpts[-1] if ckpts else 'none'}: lower learning_rate "
-                         "or check the data, then resume from it")
-    return bad_steps
+def read_due(cfg, step, bad_steps):
+    """Whether the host reads the device after `step` (read_steps): on log steps, every
+    max_bad_steps steps, before each eval and checkpoint (which wait for the device anyway), at the
+    end, and after every step while bad steps run in a row. So a run stops at its max_bad_steps-th
+    bad step in a row, as if every step were read: such a streak spans a multiple of max_bad_steps.
+    Other steps never wait: their loss, grad norm and bad flag stay on the device."""
+    every = (cfg.log_interval, max(1, cfg.max_bad_steps), cfg.eval_interval, cfg.ckpt_interval)
+    return bad_steps > 0 or step >= cfg.max_iters or any(k and step % k == 0 for k in every)
+
+
+def read_steps(run, pending, bad_steps):
+    """Read pending, [(step, loss, grad norm, bad)] of the steps since the last read, in one host
+    sync, and empty it: log each bad (skipped) step; max_bad_steps of them in a row stop the run
+    -> (bad steps in a row, {step: (loss, grad norm)} of the good steps)."""
+    rows = torch.stack([torch.stack([loss.float(), norm.float(), bad.float()])
+                        for _, loss, norm, bad in pending]).tolist()
+    good = {}
+    for (step, *_), (loss, norm, bad) in zip(pending, rows):
+        if not bad:
+            bad_steps = 0
+            good[step] = (loss, norm)
+            continue
+        bad_steps += 1
+        run.log({"step": step, "skipped": f"non-finite loss {loss} or grad norm {norm}"},
+                f"step {step}: skipped (loss {loss}, grad norm {norm}), {bad_steps} in a row")
+        if bad_steps >= run.cfg.max_bad_steps:
+            ckpts = checkpoint.list_checkpoints(run.cfg.out_dir)
+            raise SystemExit(f"error: {bad_steps} non-finite steps in a row, from step "
+                             f"{step - bad_steps + 1} to {step} (loss {loss}, grad norm {norm}); "
+                             "stopped without saving, the last good checkpoint is "
+                             f"{ckpts[-1] if ckpts else 'none'}: lower learning_rate or check the "
+                             "data, then resume from it")
+    pending.clear()
+    return bad_steps, good
+
+
+def agree_to_stop(run, stop):
+    """Whether a signal arrived (stop_signals) on any process: all stop together. With several
+    processes that is a vote, a host sync, taken on read steps only."""
+    if run.world == 1:
+        return bool(stop)
+    votes = loss_eval.all_sum(torch.full((), float(bool(stop)), device=run.device))
+    return votes.item() > 0
 
 
 @contextmanager
@@ -287,7 +343,9 @@ def stop_signals():
 
 
 def fit(run, stop):
-    """Eval, checkpoint, one optimizer step, log line; until max_iters or a signal in stop."""
+    """Eval, checkpoint, one optimizer step; until max_iters or a signal in stop. The host waits
+    for the device only after read steps (read_due): the log line, the count of bad steps and the
+    vote to stop are read there. Other steps only queue work, and the next batch loads meanwhile."""
     cfg = run.cfg
     step = run.start["step"]
     bad_steps = run.start["bad_steps"]
@@ -295,7 +353,7 @@ def fit(run, stop):
     data_state = run.loader.state_dict()      # the data position after the last step taken
     if step < cfg.max_iters:
         batches, batches_state = fetch(run.loader, run.grad_accum, run.device)
-    ema_dt = None
+    pending = []   # (step, loss, grad norm, bad) since the last read: 0-d tensors on the device
     stopping = False
     while True:
         last = step >= cfg.max_iters
@@ -309,7 +367,9 @@ def fit(run, stop):
                        "bad_steps": bad_steps, "evaluated_step": evaluated})
         if last or stopping:
             return
-        t0 = time.time()
+        if not pending:   # the device is idle after a read: time the steps up to the next one
+            t0 = time.time()
+            t0_step = step
         lr = plan.get_lr(step, cfg)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
@@ -317,24 +377,21 @@ def fit(run, stop):
                           run.scaler, run.set_grad_sync)
         if step + 1 < cfg.max_iters:   # load the next step's data while the device is still busy
             upcoming = fetch(run.loader, run.grad_accum, run.device)
-        loss, norm, stepped = optimizer_step(run, loss)
+        norm, bad = optimizer_step(run, loss)
         step += 1
         data_state = batches_state
         if step < cfg.max_iters:
             batches, batches_state = upcoming
-        bad_steps = 0 if stepped else count_bad_step(run, step, bad_steps + 1, loss, norm)
-        stopping = bool(stop)
-        if run.world > 1:   # any process got a signal: all stop together
-            votes = loss_eval.all_sum(torch.tensor(float(stopping), device=run.device))
-            stopping = votes.item() > 0
+        pending.append((step, loss, norm, bad))
+        if not (read_due(cfg, step, bad_steps) or (run.world == 1 and stop)):
+            continue
+        stopping = agree_to_stop(run, stop)
+        bad_steps, good = read_steps(run, pending, bad_steps)
         if stopping:
             run.log(msg=f"signal {stop[0] if stop else ''} received: saving a checkpoint at step "
                     f"{step}, then exiting; continue with --init_from=resume")
-        dt = time.time() - t0
-        warm = ema_dt is not None and step != run.start["step"] + 2   # the first steps compile
-        ema_dt = 0.9 * ema_dt + 0.1 * dt if warm else dt
-        if cfg.log_interval and step % cfg.log_interval == 0 and math.isfinite(loss):
-            log_step(run, step, loss, lr, norm, dt, eta=ema_dt * (cfg.max_iters - step))
+        if cfg.log_interval and step % cfg.log_interval == 0 and step in good:
+            log_step(run, step, lr, *good[step], dt=(time.time() - t0) / (step - t0_step))
 
 
 def train(cfg):

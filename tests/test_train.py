@@ -63,7 +63,8 @@ def log_rows(out_dir, key):
 
 
 def final_weights(out_dir):
-    return load_file(checkpoint.list_checkpoints(out_dir)[-1] / "model.safetensors")
+    """The newest checkpoint's weights, whole: model.safetensors, or put together from FSDP shards."""
+    return checkpoint.read_weights(checkpoint.list_checkpoints(out_dir)[-1])[0]
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +288,16 @@ def test_failed_plot_does_not_fail_the_run(data_dir, tmp_path, monkeypatch, caps
     assert "loss.png not drawn (RuntimeError: no fonts)" in capsys.readouterr().out
 
 
+def test_missing_plot_library_does_not_fail_the_run(data_dir, tmp_path, monkeypatch, capsys):
+    """Without matplotlib (or the Pillow it needs) the run still ends with its checkpoint and
+    exit 0: the picture costs one line (issue 14)."""
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)   # the import fails
+    run_train(args(data_dir, tmp_path, "--max_iters=2", "--eval_interval=0"))
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["ckpt_0000002"]
+    assert "loss.png not drawn (ModuleNotFoundError" in capsys.readouterr().out
+    assert not (tmp_path / "loss.png").exists()
+
+
 # ---- Non-finite steps, from poisoned data: no patching of the model
 def poisoned_run(data_dir, tmp_path, bad_steps, n_windows=200):
     """-> a data dir and an initial checkpoint such that exactly the steps in bad_steps (1-based)
@@ -331,24 +342,55 @@ def finite_except(model, poison):
 
 
 def test_nonfinite_step_is_skipped(data_dir, tmp_path, capsys):
+    """Step 3 is bad: it is reported at the next read (step 4, a log step), the run goes on."""
     d, init, poison = poisoned_run(data_dir, tmp_path, bad_steps={3})
     model = run_train(args(d, tmp_path / "run", f"--init_from={init}", "--max_iters=6",
-                                "--eval_interval=0"))
+                           "--eval_interval=0", "--log_interval=4"))
     rows = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert [r["step"] for r in rows if "skipped" in r] == [3]
     loss = log_rows(tmp_path / "run", "loss")
-    assert 3 not in loss and all(np.isfinite(loss[s]) for s in (4, 5, 6))
+    assert sorted(loss) == [4] and np.isfinite(loss[4])   # the run went on
     assert finite_except(model, poison)   # NaN never reached the weights
-    assert "skipped" in capsys.readouterr().out
+    assert "step 3: skipped" in capsys.readouterr().out
+
+
+def test_skipped_step_changes_no_weight_and_no_optimizer_state(data_dir, tmp_path):
+    """The checkpoints before and after a skipped step are bitwise equal: weights, both AdamW
+    moments and the step count (a device-side gate, no host read)."""
+    d, init, _ = poisoned_run(data_dir, tmp_path, bad_steps={3})
+    run = tmp_path / "run"
+    run_train(args(d, run, f"--init_from={init}", "--max_iters=3", "--ckpt_interval=2",
+                   "--eval_interval=0"))
+    before, after = (load_file(run / f"ckpt_000000{s}" / "model.safetensors") for s in (2, 3))
+    assert_same_bits(before, after)   # the poisoned embedding row is NaN in both
+    opt2, opt3 = (checkpoint.load_trainer_state(run / f"ckpt_000000{s}")["optimizer"]["state"]
+                  for s in (2, 3))
+    assert opt2.keys() == opt3.keys() and opt2
+    for k in opt2:
+        assert_same_bits(opt2[k], opt3[k])
+    assert {float(v["step"]) for v in opt3.values()} == {2.0}
+
+
+def assert_same_bits(a, b):
+    """Like assert_bitwise_equal, NaN included: the tensors' bytes are compared."""
+    assert a.keys() == b.keys()
+    for k in a:
+        bits = [t[k].reshape(-1).view(torch.uint8) for t in (a, b)]
+        assert torch.equal(*bits), k
 
 
 def test_nonfinite_steps_in_a_row_stop_the_run(data_dir, tmp_path):
-    d, init, poison = poisoned_run(data_dir, tmp_path, bad_steps=set(range(3, 11)))
+    """Steps 5.. are bad and max_bad_steps=3. Step 5 is not read (reads: every 3 steps and at
+    checkpoints, every 2); step 6 is, and from then on every step: the run stops at step 7, the 3rd
+    bad step in a row, as if every step had been read, and names the first."""
+    d, init, poison = poisoned_run(data_dir, tmp_path, bad_steps=set(range(5, 11)))
     run = tmp_path / "run"
-    with pytest.raises(SystemExit, match="3 non-finite steps in a row .* last good checkpoint is "
-                                         ".*ckpt_0000002"):
+    with pytest.raises(SystemExit, match="3 non-finite steps in a row, from step 5 to 7 .*last "
+                                         "good checkpoint is .*ckpt_0000004"):
         run_train(args(d, run, f"--init_from={init}", "--max_iters=10", "--ckpt_interval=2",
-                            "--max_bad_steps=3", "--eval_interval=0"))
-    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["ckpt_0000002"]
-    model, _, meta = checkpoint.load_model(run / "ckpt_0000002")
-    assert meta["step"] == 2 and finite_except(model, poison)
+                       "--max_bad_steps=3", "--eval_interval=0", "--log_interval=0"))
+    rows = [json.loads(line) for line in open(run / "log.jsonl")]
+    assert [r["step"] for r in rows if "skipped" in r] == [5, 6, 7]
+    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["ckpt_0000002", "ckpt_0000004"]
+    model, _, meta = checkpoint.load_model(run / "ckpt_0000004")
+    assert meta["step"] == 4 and finite_except(model, poison)

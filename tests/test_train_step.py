@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -139,3 +140,112 @@ def test_sft_step_on_two_processes(tmp_path):
     ref_loss, ref = reference(model, SFT_BATCHES)
     assert got["loss"].item() == pytest.approx(ref_loss, rel=1e-5)
     assert_same_grads(got["grads"], ref)
+
+
+# ---- The update: skipped on the device when the loss or the gradient norm is not finite
+def adamw_after_one_step(fused):
+    """A tiny model, one AdamW step taken (so both moments and the step count hold values), and
+    NaN gradients for the next -> (model, optimizer)."""
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=fused)
+    model(*pretrain_batch(1)[:2])[1].backward()
+    opt.step()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    return model, opt
+
+
+def snapshot(model, opt):
+    return ([p.detach().clone() for p in model.parameters()],
+            [v.clone() for s in opt.state.values() for v in s.values()])
+
+
+def same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a[0] + a[1], b[0] + b[1]))
+
+
+@pytest.mark.parametrize("fused", [True, False])   # fused: on the device; else skip is read
+def test_gated_step_skips_exactly(fused):
+    """skip=True leaves the weights, both moments and the step count bitwise as they were;
+    skip=False steps (with NaN gradients: the weights turn NaN, so the gate is what kept them)."""
+    model, opt = adamw_after_one_step(fused)
+    before = snapshot(model, opt)
+    train.gated_step(opt, torch.tensor(True))
+    assert same(snapshot(model, opt), before)
+    train.gated_step(opt, torch.tensor(False))
+    assert not same(snapshot(model, opt), before)
+    assert all(torch.isnan(p).all() for p in model.parameters())
+
+
+def test_nonfinite_loss_is_a_bad_step():
+    """optimizer_step: a NaN loss is a bad step and skips the update (fused AdamW, no host read)."""
+    model, opt = adamw_after_one_step(fused=True)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)     # finite gradients: the loss alone decides
+    before = snapshot(model, opt)
+    run = SimpleNamespace(optimizer=opt, raw_model=model, cfg=SimpleNamespace(grad_clip=1.0),
+                          scaler=torch.amp.GradScaler("cpu", enabled=False))
+    norm, bad = train.optimizer_step(run, torch.tensor(float("nan")))
+    assert bad.item() and same(snapshot(model, opt), before)
+    assert norm.item() == pytest.approx(sum(p.numel() for p in model.parameters()) ** 0.5)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    norm, bad = train.optimizer_step(run, torch.tensor(2.0))
+    assert not bad.item() and not same(snapshot(model, opt), before)
+
+
+FP16_FSDP_SCRIPT = """
+import sys, types, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+import llm, train
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = llm.LLM(llm.model_config("tiny", vocab_size={vocab}))
+mp = MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32)
+for block in model.layers:
+    fully_shard(block, mp_policy=mp)
+fully_shard(model, mp_policy=mp)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+run = types.SimpleNamespace(optimizer=opt, scaler=scaler, raw_model=model,
+                            cfg=types.SimpleNamespace(grad_clip=1.0))
+g = torch.Generator().manual_seed(rank)
+x, y = torch.randint(5, {vocab}, (2, 2, {T}), generator=g)
+shard = lambda t: t.to_local() if hasattr(t, "to_local") else t   # the step count: a tensor
+local = lambda: [shard(t).clone() for t in list(model.parameters()) +
+                 [v for s in opt.state.values() for v in s.values()]]
+rows = []
+for poison in (False, True, False):
+    loss = train.train_step(model, [(x, y, None)], 2 * 2 * {T}, world_size=2,
+                            autocast=torch.autocast("cpu", dtype=torch.float16), scaler=scaler)
+    if poison and rank == 1:   # an inf in one element of rank 1's gradient shard only
+        shard(next(model.parameters()).grad).view(-1)[0] = float("inf")
+    before = local()
+    norm, bad = train.optimizer_step(run, loss)
+    after = local()
+    changed = len(before) != len(after) or not all(map(torch.equal, before, after))
+    step_count = float(next(iter(opt.state.values()))["step"])
+    rows.append((changed, bool(bad), scaler.get_scale(), step_count))
+torch.save(rows, {out!r}.format(rank))
+dist.destroy_process_group()
+"""
+
+
+def test_fp16_inf_on_one_rank_skips_the_step_on_both(tmp_path):
+    """FSDP2 (gloo, 2 processes) in fp16: an inf in rank 1's gradient shard alone makes both ranks
+    skip the step (weights, moments and step count unchanged) and halve the same loss scale; it is
+    the scaler's business, not a bad step. The steps before and after update on both."""
+    script = tmp_path / "fp16_fsdp.py"
+    script.write_text(FP16_FSDP_SCRIPT.format(root=str(ROOT), vocab=V, T=T,
+                                              out=str(tmp_path / "rank{}.pt")))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(script)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert rank0 == rank1
+    assert rank0 == [(True, False, 1024.0, 1.0), (False, False, 512.0, 1.0),
+                     (True, False, 512.0, 2.0)]
