@@ -14,6 +14,7 @@ chunked (ChunkedCrossEntropy): no float32 logits of a whole batch.
     logits, _ = model(idx)                              # idx: (B, T) LongTensor
     _, loss = model(idx, targets)                       # targets: (B, T); logits never whole
 """
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -166,10 +167,18 @@ def doc_mask(segment, flex: bool):
     if flex:
         def same_doc_causal(b, h, q, kv):
             return (segment[b, q] == segment[b, kv]) & (kv <= q)
-        return create_block_mask(same_doc_causal, B, None, T, T, device=segment.device)
+        # compiled on CUDA (as torchtitan does): eager evaluates the mask at all B*T*T pairs
+        return create_block_mask(same_doc_causal, B, None, T, T, device=segment.device,
+                                 _compile=segment.is_cuda)
     same_doc = segment[:, :, None] == segment[:, None, :]            # (B, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=segment.device).tril()
     return (same_doc & causal)[:, None]                              # (B, 1, T, T)
+
+
+@functools.cache
+def _compiled_flex():
+    # on first use only: torch.compile imports torch._dynamo (about 1 s), which eval does not need
+    return torch.compile(flex_attention, dynamic=False)
 
 
 class Attention(nn.Module):
@@ -198,7 +207,12 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(start, k, v)                          # (B, KV, start+T, hd)
         gqa = KV != H
         if isinstance(mask, BlockMask):   # packed documents on CUDA (see doc_mask)
-            y = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)      # (B, H, T, hd)
+            # flex is fused only when compiled: inside compiled blocks it is; outside them (compile
+            # off, eval of an unwrapped model) call the compiled function, not the unfused one
+            # that materialises all B*H*T*T scores
+            eager = q.is_cuda and not torch.compiler.is_compiling()   # (CPU: tests' reference)
+            flex = _compiled_flex() if eager else flex_attention
+            y = flex(q, k, v, block_mask=mask, enable_gqa=gqa)                # (B, H, T, hd)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))          # (B, T, d_model)
         # No mask: causal from the first position, or one new query that sees every cached key.
         # A dense mask: packed documents off CUDA, or several new queries after cached keys.
@@ -253,7 +267,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     chunk's logits outlive it and backward only scales the gradients made here (Liger Kernel's
     fused linear cross-entropy in plain torch: no recomputed matmul, unlike a checkpoint per chunk).
 
-    apply(h (N, d), weight (V, d), targets (N,) with -1 = ignore, with_grad) -> (sum of the losses,
+    apply(h (N, d), weight (V, d), targets (N,) < 0 = ignore, with_grad) -> (sum of the losses,
     the loss of each position (N,), float32, 0 where ignored; not differentiable)."""
 
     @staticmethod
@@ -273,14 +287,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 logits = (x @ w.t()).to(fp32)                                # (n, V)
                 lse = logits.logsumexp(-1)                                   # (n,)
                 picked = logits.gather(1, t.clamp(min=0)[:, None])[:, 0]     # (n,)
-                valid = t != -1
+                valid = t >= 0
                 losses.append((lse - picked) * valid)
                 if with_grad:   # d(loss)/d(logits) = softmax - one_hot(target); 0 where ignored
                     g = logits.sub_(lse[:, None]).exp_()      # softmax, in logits' memory (n, V)
                     g.scatter_add_(1, t.clamp(min=0)[:, None], -torch.ones_like(lse)[:, None])
                     g = g.mul_(valid[:, None]).to(dtype)
                     dh.append((g @ w).to(h.dtype))                           # (n, d)
-                    dw = dw + (g.t() @ x).to(fp32)                           # (V, d)
+                    dw += g.t() @ x                # in place, promoted to fp32 (V, d)
         losses = torch.cat(losses)                                           # (N,)
         ctx.mark_non_differentiable(losses)
         if with_grad:
@@ -363,7 +377,7 @@ class LLM(nn.Module):
         return None, self.loss(h, targets, loss_mask, reduction)
 
     def loss(self, h, targets, loss_mask=None, reduction="mean"):
-        """Cross-entropy (float32) of lm_head(h) against targets (B, T), -1 = ignore; loss_mask
+        """Cross-entropy (float32) of lm_head(h) against targets (B, T), < 0 = ignore; loss_mask
         (B, T), 0 = ignore. reduction "mean" over valid positions (0, not NaN, when there is none),
         "sum", or "none": per position (B, T), 0 where ignored.
 
@@ -372,11 +386,13 @@ class LLM(nn.Module):
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction={reduction!r} is not supported; use 'mean', 'sum' or "
                              "'none'.")
-        valid = targets != -1                                            # (B, T)
+        valid = targets >= 0   # -1 is kiln's ignore value; -100 (Hugging Face's) is ignored too
         if loss_mask is not None:
             valid = valid & (loss_mask != 0)
         weight = self.lm_head.weight
-        with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+        # "none" is for evaluation: its per-position losses carry no gradient, so none is made
+        with_grad = (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+                     and reduction != "none")
         total, losses = ChunkedCrossEntropy.apply(
             h.flatten(0, 1), weight, targets.masked_fill(~valid, -1).flatten(), with_grad)
         if reduction == "none":

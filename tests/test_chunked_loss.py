@@ -99,6 +99,17 @@ def test_reduction_none_is_each_positions_loss():
     assert torch.allclose(losses, ref, rtol=1e-6, atol=1e-6)
 
 
+def test_hugging_face_ignore_value_is_ignored_too():
+    """-100 (transformers' ignore_index) drops a position as -1 does, in value and gradient; it
+    must not be read as a token id."""
+    model = random_tiny_model()
+    idx, targets, loss_mask = batch(model)
+    hf_targets = targets.masked_fill(targets == -1, -100)
+    loss, grads = value_and_grads(model, lambda: model(idx, targets, loss_mask)[1])
+    hf_loss, hf_grads = value_and_grads(model, lambda: model(idx, hf_targets, loss_mask)[1])
+    assert torch.equal(loss, hf_loss) and all(map(torch.equal, grads, hf_grads))
+
+
 def test_forward_with_targets_returns_no_logits():
     model = random_tiny_model()
     idx, targets, _ = batch(model)

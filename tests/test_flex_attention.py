@@ -108,7 +108,7 @@ def test_block_mask_skips_blocks_across_documents():
     assert needed[0].sum() == 6 and needed[1].sum() == 10   # 4 of the 10 causal blocks skipped
 
 
-def test_compiled_block_takes_the_block_mask_whole(flex_calls):
+def test_compiled_block_takes_the_block_mask_whole(flex_calls, monkeypatch):
     # fullgraph=True: one graph or an error. aot_eager traces forward and backward as training's
     # compile does; inductor's CPU kernel for flex is inference-only in torch 2.13.
     model = random_tiny_model(n_kv_head=2)
@@ -126,3 +126,14 @@ def test_compiled_block_takes_the_block_mask_whole(flex_calls):
         outs.append(y.detach())
         grads.append(torch.autograd.grad(y.sin().sum(), x)[0])
     assert close(outs[1], outs[0]) and close(grads[1], grads[0])
+    # The next batch's documents fall elsewhere: a new BlockMask, the same graph (a recompile per
+    # batch would soon hit dynamo's limit and fall back to eager). Without the counting wrapper,
+    # whose growing list dynamo guards on.
+    monkeypatch.setattr(llm, "flex_attention", flex_module.flex_attention)
+    compiled(x, cos, sin, block_mask)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    pos, segment = llm.doc_positions(torch.roll(doc_ids, shifts=7, dims=1))
+    cos, sin = model.rope(pos)
+    new_mask = llm.doc_mask(segment, flex=True)
+    assert close(compiled(x, cos, sin, new_mask).detach(), block(x, cos, sin, new_mask).detach())
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
