@@ -14,6 +14,7 @@ Hugging Face names are kiln's with a "model." prefix (lm_head excepted); the RoP
 """
 import dataclasses
 import json
+import pickle
 import shutil
 import time
 import warnings
@@ -60,16 +61,24 @@ def save_checkpoint(out_dir, step, model, optimizer, run_config, state, tokenize
     final = out_dir / f"ckpt_{step:07d}"
     tmp = out_dir / f".tmp_ckpt_{step:07d}"
     lead = not sharded or dist.get_rank() == 0   # writes all but the shards, renames, prunes
+    failed = [None]
     if lead:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in out_dir.glob(".tmp_ckpt_*"):  # left by a run that was killed mid-save
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    if sharded:
-        dist.barrier()   # the others write into tmp only once rank 0 has emptied it
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for stale in out_dir.glob(".tmp_ckpt_*"):  # left by a run that was killed mid-save
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as e:
+            failed = [f"cannot create {tmp} ({e.strerror}): free space or fix out_dir's rights"]
+    if sharded:   # the others write into tmp only once rank 0 has emptied it, or stop with it
+        dist.broadcast_object_list(failed, src=0)
+    if failed[0]:
+        raise OSError(failed[0])
     try:
         if sharded:
             _write_shards(tmp / SHARDS, model, optimizer)
+            if lead:   # every shard is in rank 0's folder: out_dir must be shared by all nodes
+                _shard_index(tmp / SHARDS)
         else:
             _write_whole(tmp, model, optimizer)
         if lead:
@@ -128,13 +137,42 @@ def load_shards(ckpt, model, optimizer):
     dcp_state.set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
+class _IndexUnpickler(pickle.Unpickler):
+    """DCP's index (.metadata) is a pickle, which torch reads with plain pickle.load: a downloaded
+    checkpoint could run code. kiln reads it first with only the index's own classes, torch
+    dtypes and sizes allowed, so what torch then reads is known to be plain data."""
+
+    def find_class(self, module, name):
+        allowed = (module in ("torch.distributed.checkpoint.metadata",
+                              "torch.distributed.checkpoint.filesystem")
+                   or (module, name) in (("torch", "Size"), ("torch.serialization", "_get_layout"))
+                   or (module == "pathlib" and name.endswith("Path"))
+                   or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint index")
+        return super().find_class(module, name)
+
+
+def _safe_planner():
+    """DCP's load planner, except that non-tensor values (optimizer step counts, param groups)
+    must load with weights_only=True (DCP itself unpickles them freely)."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            torch.load(value, weights_only=True)   # raises on anything but plain data
+            value.seek(0)
+            super().load_bytes(read_item, value)
+    return Planner()
+
+
 def _shard_index(folder):
     """The index (.metadata) of a sharded checkpoint, after checking that every shard file it
     names is there and long enough: a truncated file is named, not found out halfway through."""
-    import torch.distributed.checkpoint as dcp   # about 1 s to import: only where it is used
     try:
-        index = dcp.FileSystemReader(folder).read_metadata()
-    except Exception as e:   # no .metadata, or not a pickle of one
+        with open(Path(folder) / ".metadata", "rb") as f:
+            index = _IndexUnpickler(f).load()
+    except Exception as e:   # no .metadata, not a pickle of one, or one with code in it
         raise ValueError(_unreadable_shards(folder, e)) from None
     need = {}
     for item in index.storage_data.values():
@@ -155,7 +193,7 @@ def _dcp_load(state, folder, no_dist):
         # no_dist warns "assuming the intent is to load in a single process": it is
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dcp.load(state, checkpoint_id=folder, no_dist=no_dist)
+            dcp.load(state, checkpoint_id=folder, no_dist=no_dist, planner=_safe_planner())
     except (Exception, dcp.CheckpointException) as e:   # the latter is a BaseException
         raise ValueError(_unreadable_shards(folder, e)) from None
 
@@ -165,7 +203,7 @@ def _unreadable_shards(folder, error):
     if failures:
         error = next(iter(failures.values()))
         error = error[0] if isinstance(error, tuple) else error
-    first = str(error).split(". ")[0][:100]   # torch.load's advice to unpickle is not ours
+    first = " ".join(str(error).split(". ")[0].split())[:160]   # not torch.load's advice to unpickle
     what = f"{type(error).__name__}: {first}" if first else type(error).__name__
     return (f"{folder} cannot be read ({what}); a shard file is missing, truncated or corrupt: "
             "copy the checkpoint again or use another one")

@@ -10,6 +10,7 @@ position, loss scale) is the same on every process, so rank 0 writes it once: th
 windows globally (loader.py), and the fp16 loss scale moves alike wherever the processes agree on
 skipping a step (DDP: gradients are all-reduced before the scaler looks at them).
 """
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint.state_dict as dcp
 
@@ -22,6 +23,12 @@ def resume(ckpt, raw_model, optimizer, scaler, loader):
     """Load the optimizer, scaler and data position of checkpoint ckpt -> where the loop resumes.
     A sharded checkpoint also reloads the weights, each process its shard."""
     saved = checkpoint.load_trainer_state(ckpt)
+    before = saved["meta"].get("run_config", {}).get("optimizer", "adamw")
+    now = optimizer_name(optimizer)
+    if before != now:   # their states have other keys: DCP would call the checkpoint corrupt
+        raise ValueError(f"{ckpt} holds {before} optimizer state but this run uses {now}; resume "
+                         f"with --optimizer={before}, or start from its weights with "
+                         f"--init_from={ckpt}")
     if saved["meta"].get("sharded"):
         checkpoint.load_shards(ckpt, raw_model, optimizer)
     else:
@@ -31,6 +38,11 @@ def resume(ckpt, raw_model, optimizer, scaler, loader):
     loader.load_state_dict(state["data"])
     load_scaler(scaler, state, ckpt)
     return {k: state.get(k) for k in ("step", "bad_steps", "evaluated_step")}
+
+
+def optimizer_name(optimizer):
+    """ "adamw" or "muon": what TrainConfig.optimizer named, read from the optimizer itself."""
+    return "adamw" if isinstance(optimizer, torch.optim.AdamW) else "muon"
 
 
 def load_scaler(scaler, state, ckpt):

@@ -184,3 +184,20 @@ def test_resume_in_another_dtype(data_dir, tmp_path, capsys):
     out = train("bfloat16", 6, "--init_from=resume")
     assert out.count("was trained in float16: its loss scale is dropped") == 1
     assert checkpoint.load_trainer_state(tmp_path)["state"]["scaler"] == {}
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("this ran while the checkpoint was read",))
+
+
+def test_sharded_index_with_code_in_it_is_refused(tmp_path, capsys):
+    """A sharded checkpoint's index (.metadata) is a pickle: one that would call a function when
+    read is refused before torch's own plain pickle.load sees it."""
+    import pickle
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / ".metadata").write_bytes(pickle.dumps(RunsCode()))
+    with pytest.raises(ValueError, match="builtins.print is not part of a checkpoint index"):
+        checkpoint._shard_index(shards)
+    assert "this ran" not in capsys.readouterr().out
