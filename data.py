@@ -6,14 +6,17 @@ r"""Data preparation for kiln: download, clean and tokenize text into checked ui
     python data.py --source fineweb-edu --max_shards 2 --tokenizer data/tok --out data/fineweb
     python data.py --sft --input chat.jsonl extra.parquet:0.5 --tokenizer data/tok --out data/chat
     python data.py --sft --source smoltalk --max_shards 1 --tokenizer data/tok --out data/smoltalk
+    python data.py --source mmlu-aux arc-easy --tokenizer data/tok --out data/mc  # 4-choice text
     python data.py --mmlu --out data/mmlu  # fetch cais/mmlu in the original CSV layout, or check
 CPU smoke run:
     python data.py --input ../shared/data/gutenberg --tokenizer /tmp/tok --out /tmp/gut --workers 2
 
 Inputs: txt, jsonl[.gz|.zst], json[.gz], parquet, arrow. Presets: fineweb-edu, c4, wikipedia,
-gutenberg, tinystories, wikitext; SFT: smoltalk, alpaca, dolly. Books3 is no longer distributable:
-bring your own files with --input. --sft goes to sft_data.py, --mmlu to mmlu.py; the shard format
-is in shards.py, and loader.py reads the result at training time.
+gutenberg, tinystories, wikitext; SFT: smoltalk, alpaca, dolly; multiple choice, as plain text or
+(--sft) chat turns: mmlu-aux, arc-easy, arc-challenge, openbookqa, commonsenseqa (mc_data.py).
+Books3 is no longer distributable: bring your own files with --input. --sft goes to sft_data.py,
+--mmlu to mmlu.py; the shard format is in shards.py, and loader.py reads the result at training
+time.
 
 Pretraining prep: read -> clean -> drop near-empty and duplicate documents -> split train/val by a
 hash of the text -> tokenize in worker processes -> shards, every document starting with <|bos|>.
@@ -41,6 +44,7 @@ from tqdm import tqdm
 import bpe
 import common
 import config
+import mc_data
 import mmlu
 import readers
 import sft_data
@@ -351,8 +355,8 @@ class Args:
     shard_mb: float | None = None    # MB of text per shard (default: input/64, 1 to 100)
     sft: bool = False                # prepare SFT chat data (sft_data.py)
     max_len: int = 2048              # SFT: longest conversation kept, in tokens
-    mmlu_dir: str | None = None      # SFT: MMLU folder to decontaminate against
-    no_decontam: bool = False        # SFT: keep records that overlap MMLU test questions
+    mmlu_dir: str | None = None      # SFT, multiple choice: MMLU folder to decontaminate against
+    no_decontam: bool = False        # SFT, multiple choice: keep what overlaps MMLU test
     mmlu: bool = False               # fetch cais/mmlu into --out (CSV layout) or check it
 
 
@@ -361,11 +365,14 @@ def _preset_inputs(a):
     inputs = []
     field = a.text_field
     for name, weight in readers.parse_weighted(a.source or []):
+        if name in mc_data.MC_PRESETS:  # rendered by _mc_inputs, for either kind of prep
+            continue
         if name not in PRESETS or (name in SFT_PRESETS) != a.sft:
             if name.lower() == "books3":
                 raise ValueError("Books3 is no longer distributable: bring your own local files "
                                  "with --input PATH")
             kind = SFT_PRESETS if a.sft else [p for p in PRESETS if p not in SFT_PRESETS]
+            kind = [*kind, *mc_data.MC_PRESETS]
             raise ValueError(f"unknown {'SFT ' if a.sft else ''}preset {name!r}: use one of "
                              f"{', '.join(kind)}")
         repo, patterns, preset_field = PRESETS[name]
@@ -373,6 +380,19 @@ def _preset_inputs(a):
         files = readers.hub_files(name, repo, patterns, a.max_shards)
         inputs += [f"{f}:{weight}" for f in files] if a.sft else [str(f) for f in files]
     return inputs, field
+
+
+def _mc_inputs(a, grams):
+    """--source's multiple-choice presets, rendered (mc_data.py) -> (input paths, counts)."""
+    inputs = []
+    counts = {}
+    for name, weight in readers.parse_weighted(a.source or []):
+        if name in mc_data.MC_PRESETS:
+            repo, patterns, _, _ = mc_data.MC_PRESETS[name]
+            files = readers.hub_files(name, repo, patterns, a.max_shards)
+            path, counts[name] = mc_data.render(name, files, a.sft, a.out, grams)
+            inputs.append(f"{path}:{weight}" if a.sft else str(path))
+    return inputs, counts
 
 
 def _check_args(a):
@@ -402,16 +422,23 @@ def main(argv=None):
         return
     _check_args(a)
     found, field = _preset_inputs(a)
-    inputs = list(a.input or []) + found
+    mc_found, mc_counts = [], {}
+    if any(name in mc_data.MC_PRESETS for name, _ in readers.parse_weighted(a.source or [])):
+        grams, _ = sft_data.decontamination_grams(a.mmlu_dir, not a.no_decontam)
+        mc_found, mc_counts = _mc_inputs(a, grams)
+    inputs = list(a.input or []) + found + mc_found
     if a.sft:
         val_fraction = 0.02 if a.val_fraction is None else a.val_fraction
-        sft_data.prepare_sft(inputs, a.tokenizer, a.out, a.max_len, val_fraction, a.mmlu_dir,
-                             not a.no_decontam)
-        return
-    sep = a.txt_separator.encode().decode("unicode_escape") if a.txt_separator else None
-    val_fraction = 0.0005 if a.val_fraction is None else a.val_fraction
-    prepare(inputs, a.tokenizer, a.out, field or "text", val_fraction, a.workers, sep, a.max_docs,
-            a.shard_mb, wikitext=a.source == ["wikitext"])
+        meta = sft_data.prepare_sft(inputs, a.tokenizer, a.out, a.max_len, val_fraction,
+                                    a.mmlu_dir, not a.no_decontam)
+    else:
+        sep = a.txt_separator.encode().decode("unicode_escape") if a.txt_separator else None
+        val_fraction = 0.0005 if a.val_fraction is None else a.val_fraction
+        meta = prepare(inputs, a.tokenizer, a.out, field or "text", val_fraction, a.workers, sep,
+                       a.max_docs, a.shard_mb, wikitext=a.source == ["wikitext"])
+    if mc_counts:  # the summary keeps what each multiple-choice source lost, and why
+        meta["multiple_choice"] = mc_counts
+        common.write_json(Path(a.out) / "meta.json", meta, indent=1)
 
 
 if __name__ == "__main__":

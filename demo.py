@@ -1,32 +1,31 @@
 """The whole pipeline on a built-in corpus: an invented world, generated from a seed, nothing
 downloaded.
 
-    python demo.py world --out data/demo_raw [--seed 0] [--people 48] [--docs 8000]
-    python demo.py world --out data/demo_raw --people 24 --docs 6000      # what `make demo` runs
+    python demo.py world --out data/demo_raw [--seed 0] [--people 64] [--docs 8000]
+    python demo.py world --out data/demo_raw --people 64 --docs 8000 --mc_facts 4 --mc_copies 3
+                                             # what `make demo` runs
     python demo.py report --out out/demo     # after `make demo` ran the stages: out/demo/report.md
     python demo.py world --help              # each command's options
 
 `make demo` runs every stage (world -> tokenizer -> shards -> pretrain -> SFT -> multiple choice ->
-chat) and ends with the report card. The world is a few dozen people, each with a home town, a job,
-a pet, a favourite colour, food and sport, an age and a friend. The pretraining text states every
-fact many times in varied sentence forms and in short stories (varied rephrasings are what lets a
-model later answer questions about facts it only read in prose: Allen-Zhu & Li, "Physics of
-Language Models 3.1", arXiv:2309.14316). The chat set asks about some facts; the 4-choice test asks
-about the others, so no test fact is ever seen in question form. The four choices are the group of
-values that holds the true one, in a fixed order (see ATTRS), and the test's answer letters are
-balanced, so chance is 25%.
+chat) and ends with the report card. The world (demo_world.py) is a few dozen people with six
+askable facts each, dealt into three kinds: asked as 4-choice questions in training, stated only in
+chat answers, stated only in prose. The report card gives letter accuracy on each kind with a 95%
+interval: the last two measure whether the answer format carries over to facts never asked that
+way (issue 16); the first is memorisation, a check.
 
 world writes into --out:
-    pretrain.jsonl           {"text": ...} documents for bpe.py and data.py
+    pretrain.jsonl           {"text": ...} prose documents for bpe.py and data.py
+    mc.jsonl                 {"text": ...} the mc facts' 4-choice questions in eval_mmlu.py's
+                             plain-text layout, answered (mixed into pretraining by make demo)
     chat.jsonl               {"messages": [...]} conversations for data.py --sft
-    mmlu/{dev,test}/demo_world_{dev,test}.csv   the MMLU layout that eval_mmlu.py reads
-    prompts.txt              open questions about test facts, for sample.py in the report
+    mmlu/{dev,test}/demo_{mc,chat,prose}_{dev,test}.csv   each kind's test, in the MMLU layout
+    prompts.txt              open questions about chat and prose facts, for sample.py
 """
 import csv
 import io
 import json
 import os
-import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,224 +35,11 @@ import torch
 import checkpoint
 import common
 import config
+import demo_world
 import llm
 import runlog
 
-SUBJECT = "demo_world"
-LETTERS = "ABCD"
-
-FIRST = {"she": ("Anna Maria Clara Ella Rosa Nora Lucy Ida Mona Vera Hanna Iris Greta Olga Tessa "
-                 "Wendy Lena Sofia Petra Zoe").split(),
-         "he": ("Tom Felix Oscar Hugo Leo Max Paul Ivan Otto Carl Emil Jonas Bruno Dean Victor Sam "
-                "Ben Omar Milo Karl").split()}
-LAST = ("Stone Brook Miller Fisher Hill Wood Lake Frost Baker Reed Marsh Fox Field Rivers Moss "
-        "Bell Hart Snow Gray Wells Cole Ford Lane Dale").split()
-TOWNS = ("Millford Ashby Redwater Oakvale Pinecrest Stonebridge Greenhill Westport Lindon "
-         "Brightmoor Elmstead Cobbleton").split()
-# attribute -> its values, in groups of four: a 4-choice question shows the group that holds the
-# true value, always in this order, so each value keeps its letter: the easiest form of the letter
-# task (the letter is a function of the recalled value). Small models still score near chance on
-# the letter task, so the report also gives cloze accuracy.
-ATTRS = {
-    "town": TOWNS,
-    "job": ("baker farmer teacher doctor painter sailor miner tailor singer builder nurse "
-            "judge").split(),
-    "pet": ["cat", "dog", "parrot", "rabbit", "goat", "horse", "turtle", "owl"],
-    "color": ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"],
-    "food": ["soup", "bread", "apples", "cheese", "rice", "fish", "cake", "plums"],
-    "sport": ["tennis", "chess", "rowing", "running", "football", "archery", "skiing", "boxing"],
-}
-# Statements: many forms per fact. {n} = full name, {v} = value, {pp} = possessive pronoun.
-SAY = {
-    "town": ["{n} lives in {v}.", "{n} comes from {v}.", "The home town of {n} is {v}.",
-             "{n} grew up in {v}.", "{n} has a house in {v}.", "{v} is where {n} lives.",
-             "{n} is from the town of {v}."],
-    "job": ["{n} works as a {v}.", "{n} is a {v}.", "The job of {n} is {v}.",
-            "By trade, {n} is a {v}.", "{n} earns a living as a {v}.",
-            "Everyone knows {n} as the {v}.", "{n} has worked as a {v} for years."],
-    "pet": ["{n} has a pet {v}.", "{n} keeps a {v} at home.", "The pet of {n} is a {v}.",
-            "{n} takes care of a {v}.", "At home, {n} looks after a {v}.",
-            "{n} owns a {v} as a pet."],
-    "color": ["The favourite colour of {n} is {v}.", "{n} likes the colour {v} best.",
-              "{n} loves the colour {v}.", "{n} often wears {v}, {pp} favourite colour.",
-              "Of all colours, {n} likes {v} most."],
-    "food": ["The favourite food of {n} is {v}.", "{n} likes to eat {v} most of all.",
-             "{n} loves {v}.", "For dinner, {n} would always choose {v}.",
-             "Of all foods, {n} likes {v} best."],
-    "sport": ["{n} plays {v}.", "The favourite sport of {n} is {v}.",
-              "In {pp} free time, {n} does {v}.", "{n} is very good at {v}.",
-              "{n} spends every weekend on {v}."],
-    "age": ["{n} is {v} years old.", "The age of {n} is {v}.", "{n} turned {v} this year."],
-    "friend": ["{n} is a good friend of {v}.", "The best friend of {n} is {v}.",
-               "{n} and {v} are friends."],
-}
-ASK = {  # one question form per attribute, shared by the chat set and the test (the facts differ)
-    "town": "Where does {n} live?", "job": "What is the job of {n}?",
-    "pet": "What pet does {n} have?", "color": "What is the favourite colour of {n}?",
-    "food": "What is the favourite food of {n}?", "sport": "What sport does {n} play?",
-}
-ANSWER = {"town": "{n} lives in {v}.", "job": "{n} works as a {v}.", "pet": "{n} has a pet {v}.",
-          "color": "The favourite colour of {n} is {v}.",
-          "food": "The favourite food of {n} is {v}.", "sport": "{n} plays {v}."}
-NUMBERS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-           "fifteen sixteen seventeen eighteen").split()
-WEATHER = ["It was a sunny morning", "It was raining", "The wind was cold", "It was a warm evening",
-           "Snow was falling", "The sky was grey"]
-
-
-def make_people(rng, n):
-    """n people with distinct full names and random facts; each has a friend among the others."""
-    names = [(g, f, last) for g in FIRST for f in FIRST[g] for last in LAST]
-    rng.shuffle(names)
-    people = []
-    for g, first, last in names[:n]:
-        p = {"name": f"{first} {last}", "first": first, "p": g,
-             "pp": "her" if g == "she" else "his", "age": rng.randint(18, 80)}
-        p.update({a: rng.choice(vals) for a, vals in ATTRS.items()})
-        people.append(p)
-    for i, p in enumerate(people):
-        p["friend"] = people[(i + rng.randint(1, n - 1)) % n]["name"]
-    return people
-
-
-def say(rng, p, attr):
-    s = rng.choice(SAY[attr]).format(n=p["name"], v=p[attr], pp=p["pp"])
-    return s[0].upper() + s[1:]
-
-
-def bio(rng, p):
-    """All facts about one person, each in a random form, in a random order."""
-    attrs = list(ATTRS) + ["age", "friend"]
-    rng.shuffle(attrs)
-    return " ".join(say(rng, p, a) for a in attrs)
-
-
-def story(rng, people):
-    """A short story about two people that restates their facts in narrative form."""
-    a, b = rng.sample(people, 2)
-    lines = [f"{rng.choice(WEATHER)} in {a['town']}. {a['name']}, the {a['job']}, went out with "
-             f"{a['pp']} {a['pet']}.",
-             f"On the road {a['p']} met {b['name']}, a {b['job']} from {b['town']}.",
-             f"{b['name']} said: \"I am going home to {b['town']} to feed my {b['pet']}.\"",
-             f"{a['name']} laughed and said: \"Then I will go home to {a['town']} and eat some "
-             f"{a['food']}.\"",
-             f"Later {a['name']} played {a['sport']} and {b['name']} played {b['sport']}.",
-             f"{a['name']} wore {a['color']} that day, because {a['color']} is {a['pp']} "
-             "favourite colour."]
-    return " ".join(lines[:2] + rng.sample(lines[2:], rng.randint(2, 4)))
-
-
-def town_doc(rng, town, people):
-    here = [p for p in people if p["town"] == town]
-    rng.shuffle(here)
-    if not here:
-        return f"{town} is a quiet town. Nobody we know lives in {town}."
-    forms = ["{n}, the {j}, lives in {t}.", "The {j} {n} has a house in {t}.",
-             "{n} works as a {j} in {t}.", "In {t} lives {n}, who is a {j}."]
-    parts = [rng.choice([f"{town} is a small town.", f"Welcome to {town}.",
-                         f"This is the town of {town}."])]
-    return " ".join(parts + [rng.choice(forms).format(n=p["name"], j=p["job"], t=town)
-                             for p in here])
-
-
-def arithmetic(rng):
-    """A few sums and differences in words and in digits (kept under twenty so words exist for
-    them)."""
-    out = []
-    for _ in range(rng.randint(3, 6)):
-        x, y = rng.randint(0, 9), rng.randint(0, 9)
-        if rng.random() < 0.5:
-            out.append(rng.choice([f"{NUMBERS[x]} plus {NUMBERS[y]} is {NUMBERS[x + y]}.",
-                                   f"{x} + {y} = {x + y}."]))
-        else:
-            x, y = max(x, y), min(x, y)
-            out.append(rng.choice([f"{NUMBERS[x]} minus {NUMBERS[y]} is {NUMBERS[x - y]}.",
-                                   f"{x} - {y} = {x - y}."]))
-    return " ".join(out)
-
-
-def quiz(facts):
-    """Questions with their answers in lm-eval's cloze layout (eval_mmlu.py --method cloze): the
-    format, shown on chat facts only (test facts are never asked)."""
-    return "The following are questions (with answers) about demo world.\n\n" + "\n\n".join(
-        f"Question: {ASK[a].format(n=p['name'])}\nAnswer: {p[a]}" for p, a in facts)
-
-
-def mc_prompt(question, choices):
-    """A question as the user turn of `eval_mmlu.py --chat` (the reply is the bare letter)."""
-    lines = "".join(f"\n{L}. {c}" for L, c in zip(LETTERS, choices))
-    return question + lines + "\nAnswer with the letter."
-
-
-def mc_question(p, attr):
-    """(question, 4 choices, answer letter): the group of four values that holds the true one, in
-    fixed order."""
-    i = ATTRS[attr].index(p[attr])
-    return ASK[attr].format(n=p["name"]), ATTRS[attr][i - i % 4:i - i % 4 + 4], LETTERS[i % 4]
-
-
-def make_world(seed=0, n_people=48, n_docs=8000, test_per_person=2, mc_copies=2):
-    """Everything the demo needs, as Python objects: (people, docs, chats, mc_dev, mc_test,
-    prompts)."""
-    rng = random.Random(seed)
-    people = make_people(rng, n_people)
-    # Split the (person, attribute) facts: test_per_person per person are only ever asked in the
-    # test, picked so that the test's answer letters stay balanced.
-    test_facts = []
-    chat_facts = []
-    used = dict.fromkeys(LETTERS, 0)  # how often each letter answers a test question so far
-    for p in people:
-        attrs = rng.sample(list(ATTRS), len(ATTRS))
-        for _ in range(test_per_person):
-            # the least used letter; ties go to the first in attrs' random order
-            a = min(attrs, key=lambda a: used[mc_question(p, a)[2]])
-            used[mc_question(p, a)[2]] += 1
-            test_facts.append((p, a))
-            attrs.remove(a)
-        chat_facts += [(p, a) for a in attrs]
-    docs = []
-    for _ in range(n_docs):
-        r = rng.random()
-        if r < 0.55:
-            docs.append(bio(rng, rng.choice(people)))
-        elif r < 0.75:
-            docs.append(story(rng, people))
-        elif r < 0.82:
-            docs.append(town_doc(rng, rng.choice(TOWNS), people))
-        elif r < 0.9:
-            docs.append(arithmetic(rng))
-        else:  # questions and answers about chat facts (test facts are never asked)
-            docs.append(quiz(rng.sample(chat_facts, 3)))
-    # Chat: each chat fact as an open question and as 4-choice questions (the letter at a different
-    # place each time: the format has to be learned from many examples), plus sums; one to three
-    # turns per conversation.
-    turns = [(ASK[a].format(n=p["name"]), ANSWER[a].format(n=p["name"], v=p[a]))
-             for p, a in chat_facts]
-    for p, a in chat_facts * mc_copies:
-        q, choices, ans = mc_question(p, a)
-        turns.append((mc_prompt(q, choices), ans))
-    for _ in range(len(chat_facts) // 4):
-        x, y = rng.randint(0, 9), rng.randint(0, 9)
-        turns.append((f"What is {NUMBERS[x]} plus {NUMBERS[y]}?",
-                      f"{NUMBERS[x]} plus {NUMBERS[y]} is {NUMBERS[x + y]}."))
-    rng.shuffle(turns)
-    chats = []
-    i = 0
-    while i < len(turns):
-        k = rng.choice([1, 1, 2, 3])
-        chats.append([m for u, a in turns[i:i + k]
-                      for m in ({"role": "user", "content": u},
-                                {"role": "assistant", "content": a})])
-        i += k
-    dev = [mc_question(p, a) for p, a in rng.sample(chat_facts, 8)]
-    test = [mc_question(p, a) for p, a in test_facts]
-    # Open questions about test facts (their answers were only ever read in prose) for the
-    # report's samples.
-    prompts = [{"question": ASK[a].format(n=p["name"]),
-                "expected": ANSWER[a].format(n=p["name"], v=p[a])} for p, a in test_facts[:4]]
-    prompts.append({"question": "What is three plus four?",
-                    "expected": "three plus four is seven."})
-    return people, docs, chats, dev, test, prompts
+SUBJECTS = {kind: f"demo_{kind}" for kind in demo_world.KINDS}  # the test of each kind
 
 
 def write_text(path, text):
@@ -268,27 +54,32 @@ def csv_text(rows):
 
 
 def cmd_world(args):
-    n_names = sum(len(v) for v in FIRST.values()) * len(LAST)
+    n_names = sum(len(v) for v in demo_world.FIRST.values()) * len(demo_world.LAST)
     if not 4 <= args.people <= n_names:
         raise ValueError(f"--people {args.people} is out of range: the world needs 4 to {n_names} "
                          "people")
     if args.docs < 10:
         raise ValueError(f"--docs {args.docs} is too few: give at least 10 pretraining documents")
-    people, docs, chats, dev, test, prompts = make_world(args.seed, args.people, args.docs)
+    people, docs, chats, mc_docs, tests, dev, prompts = demo_world.make_world(
+        args.seed, args.people, args.docs, args.mc_facts, args.mc_copies, args.chat_copies)
     out = Path(args.out)
     write_text(out / "pretrain.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in docs))
+    write_text(out / "mc.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in mc_docs))
     write_text(out / "chat.jsonl", "".join(json.dumps({"messages": c}) + "\n" for c in chats))
-    write_text(out / "mmlu" / "dev" / f"{SUBJECT}_dev.csv", csv_text(dev))
-    write_text(out / "mmlu" / "test" / f"{SUBJECT}_test.csv", csv_text(test))
+    for kind, subject in SUBJECTS.items():
+        write_text(out / "mmlu" / "dev" / f"{subject}_dev.csv", csv_text(dev))
+        write_text(out / "mmlu" / "test" / f"{subject}_test.csv", csv_text(tests[kind]))
     write_text(out / "prompts.txt", "".join(p["question"] + "\n" for p in prompts))
     facts = [{k: v for k, v in p.items() if k not in ("first", "p", "pp")} for p in people]
     world = {"seed": args.seed, "people": facts, "prompts": prompts, "documents": len(docs),
-             "conversations": len(chats), "test_questions": len(test)}
+             "mc_documents": len(mc_docs), "conversations": len(chats),
+             "test_questions": {kind: len(rows) for kind, rows in tests.items()}}
     # last: its presence means "complete"
     write_text(out / "world.json", json.dumps(world, indent=1) + "\n")
     n_chars = sum(len(d) for d in docs)
-    print(f"world: {len(docs)} documents ({n_chars / 1e6:.2f} M characters), {len(chats)} "
-          f"conversations, {len(test)} test questions -> {out}")
+    print(f"world: {len(people)} people, {len(docs)} documents ({n_chars / 1e6:.2f} M characters), "
+          f"{len(mc_docs)} 4-choice documents, {len(chats)} conversations, test questions "
+          f"{world['test_questions']} -> {out}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,15 +125,68 @@ def cell(text):
     return " ".join(text.replace("|", "\\|").split())
 
 
-def mc_row(name, a):
-    """A table row of 4-choice accuracy with its 95% interval."""
-    return (f"| {name} | 25% (chance) | **{100 * a['acc']:.1f}%** (95% CI "
+def mc_row(stage, measure, a):
+    """A table row of 4-choice accuracy with its 95% interval (Wilson, eval_mmlu.py)."""
+    return (f"| {stage} | {measure} | 25% (chance) | **{100 * a['acc']:.1f}%** (95% CI "
             f"{100 * a['ci95'][0]:.0f}-{100 * a['ci95'][1]:.0f}%, {a['n']} questions) |")
+
+
+KIND_NAMES = {"chat": "facts only in chat answers", "prose": "facts only in prose",
+              "mc": "facts asked as 4-choice in training (a check)"}
+
+
+def accuracy_rows(out):
+    """The 4-choice rows: letter after SFT and cloze after pretraining, per kind of fact."""
+    rows = []
+    for name, stage, measure in (("mmlu.json", "after SFT", "letter, chat, 0-shot"),
+                                 ("mmlu_mid.json", "after mid", "letter, plain text, 0-shot"),
+                                 ("cloze.json", "after pretraining", "cloze, 0-shot")):
+        if (out / name).exists():
+            subjects = json.loads((out / name).read_text())["metrics"]["acc"]["subjects"]
+            rows += [mc_row(stage, f"{measure}: {name}", subjects[SUBJECTS[kind]])
+                     for kind, name in KIND_NAMES.items() if SUBJECTS[kind] in subjects]
+    return rows
+
+
+def stage_rows(out, sft, mid):
+    """The loss rows: pretraining's val bits per byte, mid's (when it ran) and SFT's val loss."""
+    rows = []
+    for run, stage, key, measure in ((out, "pretraining", "val_bpb", "val bits per byte"),
+                                     (mid, "mid (4-choice text)", "val_bpb", "val bits per byte"),
+                                     (sft, "SFT", "val_loss", "val loss on assistant tokens")):
+        if run and (run / "log.jsonl").exists():
+            data_dir = json.loads((run / "config.json").read_text())["data_dir"]
+            if "," in data_dir:  # a mixture: the first source's curve (the world's prose)
+                key += "/" + Path(data_dir.split(",")[0].rsplit(":", 1)[0]).name
+                measure += f" ({Path(key).name})"
+            curve = runlog.read_curve(runlog.read_rows(run / "log.jsonl"), key)
+            (s0, v0), (s1, v1) = curve[0], curve[-1]
+            rows.append(f"| {stage} | {measure} | {v0:.3f} (step {s0}) | {v1:.3f} (step {s1}) |")
+    return rows
+
+
+def config_lines(out, sft, mid):
+    pcfg, pmodel, pn, psteps = run_summary(out)
+    runs = [(out, "pretraining", "config/demo.py + DEMO_PRETRAIN_ARGS")]
+    if mid and (mid / "config.json").exists():
+        runs.append((mid, "mid", "config/mid_demo.py + DEMO_MID_ARGS"))
+    runs.append((sft, "SFT", "config/sft_demo.py + DEMO_SFT_ARGS"))
+    lines = [f"- model: preset `{pcfg['model']}` + overrides = {pn / 1e6:.2f}M parameters (vocab "
+             f"{pmodel['vocab_size']}, {pmodel['n_layer']} layers, d_model {pmodel['d_model']}, "
+             f"{pmodel['n_head']} heads, context {pmodel['max_seq_len']})"]
+    seen = []
+    for run, stage, where in runs:
+        cfg, _, _, steps = run_summary(run)
+        lines.append(f"- {stage} (`{where}`): {conf(cfg)}")
+        seen.append(f"{stage} {steps * cfg['total_batch_tokens']:,} ({steps} steps)")
+    lines.append("- tokens seen: " + ", ".join(seen))
+    return lines
 
 
 def cmd_report(args):
     out = Path(args.out)
     sft = Path(args.sft)
+    mid = Path(args.mid) if args.mid else None
     world_dir = Path(args.world)
     needed = [out / "log.jsonl", sft / "log.jsonl", out / "mmlu.json", out / "samples.txt",
               world_dir / "world.json"]
@@ -351,54 +195,36 @@ def cmd_report(args):
             raise FileNotFoundError(f"{need} is missing: run `make demo` (it runs every stage, "
                                     "then this report)")
     times = read_times(out / "timings.tsv")
-    pcfg, pmodel, pn, psteps = run_summary(out)
-    scfg, _, _, ssteps = run_summary(sft)
-    bpb = runlog.read_curve(runlog.read_rows(out / "log.jsonl"), "val_bpb")
-    sft_loss = runlog.read_curve(runlog.read_rows(sft / "log.jsonl"), "val_loss")
-    (b0, bpb0), (b1, bpb1) = bpb[0], bpb[-1]
-    (s0, sl0), (s1, sl1) = sft_loss[0], sft_loss[-1]
-    acc = json.loads((out / "mmlu.json").read_text())["metrics"]["acc"]["micro"]
-    cloze = None
-    if (out / "cloze.json").exists():
-        cloze = json.loads((out / "cloze.json").read_text())["metrics"]["acc"]["micro"]
     world = json.loads((world_dir / "world.json").read_text())
     replies = chat_replies((out / "samples.txt").read_text())
     if (sft / "loss.png").exists():
         common.write_atomic(out / "sft_loss.png", (sft / "loss.png").read_bytes())
+    n_test = world["test_questions"]
     lines = [
         "# kiln demo: report card", "",
         f"`make demo` on {os.cpu_count()} CPU cores: an invented world of "
         f"{len(world['people'])} people (seed {world['seed']}), {world['documents']:,} pretraining "
-        f"documents, {world['conversations']:,} chat conversations, {world['test_questions']} "
-        "four-choice test questions whose facts the model only read in prose (never in question "
-        "form).", "",
+        f"documents, {world['mc_documents']:,} documents of 4-choice questions, "
+        f"{world['conversations']:,} chat conversations. Each person's six askable facts come in "
+        f"three kinds: facts stated only in chat answers (SFT; {n_test['chat']} test questions), "
+        f"facts stated only in the pretraining prose ({n_test['prose']}), and facts also asked as "
+        f"4-choice questions in training ({n_test['mc']}). Does the answer format learned on the "
+        "last kind carry over to the first two?", "",
         "## What each stage did", "",
         "| stage | measure | before | after |", "|---|---|---:|---:|",
-        f"| pretraining | val bits per byte | {bpb0:.3f} (step {b0}) | {bpb1:.3f} (step {b1}) |",
-        f"| SFT | val loss on assistant tokens (nats) | {sl0:.3f} (step {s0}) | {sl1:.3f} "
-        f"(step {s1}) |",
-        mc_row("4-choice after SFT | accuracy, letter, chat, 0-shot", acc),
-        *([mc_row("4-choice after pretraining | accuracy, cloze, 0-shot", cloze)] if cloze else []),
-        "",
-        "Letter: the reply's first token among A-D (eval_mmlu.py --chat). Cloze: the most likely "
-        "answer text after \"Question: ...\\nAnswer:\" (--method cloze). The test facts were only "
-        "ever stated in prose.", "",
-        f"Tokens seen: pretraining {psteps * pcfg['total_batch_tokens']:,} ({psteps} steps), SFT "
-        f"{ssteps * scfg['total_batch_tokens']:,} ({ssteps} steps of packed rows).", "",
-        "## Configs", "",
-        f"- model: preset `{pcfg['model']}` + overrides = {pn / 1e6:.2f}M parameters (vocab "
-        f"{pmodel['vocab_size']}, {pmodel['n_layer']} layers, d_model {pmodel['d_model']}, "
-        f"{pmodel['n_head']} heads, context {pmodel['max_seq_len']})",
-        f"- pretraining (`config/demo.py` + the Makefile's DEMO_PRETRAIN_ARGS): {conf(pcfg)}",
-        f"- SFT (`config/sft_demo.py` + DEMO_SFT_ARGS), from the pretrained checkpoint: "
-        f"{conf(scfg)}",
+        *stage_rows(out, sft, mid), *accuracy_rows(out), "",
+        "Letter: the reply's first token among A-D (eval_mmlu.py --chat), or \" A\"..\" D\" "
+        "after lm-eval's plain-text prompt. Cloze: the most likely answer text after "
+        "\"Question: ...\\nAnswer:\" (--method cloze); chat-only facts were never in the "
+        "pretraining text, so their cloze score is chance by design.", "",
+        "## Configs", "", *config_lines(out, sft, mid),
         f"- full configs: `{out}/config.json`, `{sft}/config.json`", "",
         "## Time per stage", "", "| stage | seconds |", "|---|---:|",
         *[f"| {stage} | {sec:.1f} |" for stage, sec in times.items()],
         f"| **total** | **{sum(times.values()):.1f}** |", "",
         "## Sample answers (greedy, each question asked alone)", "",
-        "| question | answer | expected |", "|---|---|---|",
-        *[f"| {p['question']} | {cell(r)} | {p['expected']} |"
+        "| question | kind | answer | expected |", "|---|---|---|---|",
+        *[f"| {p['question']} | {p['kind']} | {cell(r)} | {p['expected']} |"
           for p, r in zip(world["prompts"], replies)], "",
         "## Loss curves", "", "Pretraining:", "", "![pretraining loss](loss.png)", "", "SFT:", "",
         "![SFT loss](sft_loss.png)", ""]
@@ -410,14 +236,18 @@ def cmd_report(args):
 class WorldArgs:
     out: str | None = None  # the folder to write the corpus, chats and questions into (required)
     seed: int = 0
-    people: int = 48
+    people: int = 64
     docs: int = 8000        # pretraining documents
+    mc_facts: int = 2       # of each person's six askable facts, asked as 4-choice in training
+    mc_copies: int = 2      # each mc fact's 4-choice question, this many times in training
+    chat_copies: int = 3    # each chat fact's open question, this many times in the chats
 
 
 @dataclass
 class ReportArgs:
     out: str | None = None  # the pretraining run folder, where report.md goes (required)
     sft: str = "out/sft_demo"    # the SFT run folder
+    mid: str = ""                # the mid run folder, when the demo ran one
     world: str = "data/demo_raw"  # the folder `demo.py world` wrote
 
 

@@ -69,7 +69,7 @@ def to_messages(r):
     return msgs, None
 
 
-def _ngrams(text, n=13):
+def ngrams(text, n=13):
     """Lowercased word n-grams: GPT-3's contamination check."""
     w = re.findall(r"\w+", text.lower())
     return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
@@ -80,7 +80,7 @@ def _render(r, tokenizer, max_len, grams):
     msgs, why = to_messages(r)
     if why:
         return None, why
-    if grams and _ngrams("\n".join(m["content"] for m in msgs)) & grams:
+    if grams and ngrams("\n".join(m["content"] for m in msgs)) & grams:
         return None, "contaminated"
     try:
         ids, mask = tokenizer.render_chat(msgs)
@@ -115,11 +115,23 @@ def load_sft(inputs, tokenizer, max_len, grams=None):
     return convs, counts
 
 
-def _mmlu_grams(mmlu_dir):
+def mmlu_grams(mmlu_dir):
     """The 13-grams of every MMLU test question in mmlu_dir."""
     subjects = mmlu.load_mmlu(mmlu_dir, "test").values()
     questions = (it["question"] for items in subjects for it in items)
-    return set().union(*map(_ngrams, questions))
+    return set().union(*map(ngrams, questions))
+
+
+def decontamination_grams(mmlu_dir=None, decontaminate=True):
+    """(13-grams of MMLU's test questions or None, the MMLU folder used): mmlu_dir, else data/mmlu
+    or ../shared/data/mmlu; None (said once) when decontaminate is off or there is no folder."""
+    mmlu_dir = mmlu_dir or mmlu.default_mmlu_dir()
+    if decontaminate and mmlu_dir is None:
+        print("note: no MMLU folder (data/mmlu or ../shared/data/mmlu) so no decontamination; "
+              "fetch one with `python data.py --mmlu --out data/mmlu`")
+    if not decontaminate or mmlu_dir is None:
+        return None, None
+    return mmlu_grams(mmlu_dir), mmlu_dir
 
 
 def _val_split(convs, val_fraction):
@@ -152,13 +164,7 @@ def prepare_sft(inputs, tokenizer, out_dir, max_len=2048, val_fraction=0.02, mml
     """Write an SFT dir: {train,val}_{ids (uint16), mask (uint8), offsets (int64)}.npy, meta.json,
     tokenizer; returns meta."""
     tok = bpe.load_for_data(tokenizer, need_bos=False)  # the chat template writes what it needs
-    grams = None
-    mmlu_dir = mmlu_dir or mmlu.default_mmlu_dir()
-    if decontaminate and mmlu_dir is None:
-        print("note: no MMLU folder (data/mmlu or ../shared/data/mmlu) so no decontamination; "
-              "fetch one with `python data.py --mmlu --out data/mmlu`")
-    elif decontaminate:
-        grams = _mmlu_grams(mmlu_dir)
+    grams, mmlu_dir = decontamination_grams(mmlu_dir, decontaminate)
     convs, counts = load_sft(inputs, tok, max_len, grams)
     is_val = _val_split(convs, val_fraction)
     out = Path(out_dir)

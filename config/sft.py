@@ -1,14 +1,18 @@
-# Instruction tuning (SFT) of the newest pretrain checkpoint under out/ (e.g. out/pretrain_1b)
-# on SmolTalk.
+# Instruction tuning (SFT) of the newest pretraining-kind checkpoint under out/ (out/mid after
+# config/mid.py, else out/pretrain_1b) on SmolTalk; with the multiple-choice questions as chat
+# turns: prepare data/smoltalk_mc (below) and add --data_dir=data/smoltalk_mc.
 # Prepare with the SAME tokenizer as the pretraining data (train.py refuses another one):
 #   python data.py --sft --source smoltalk --max_shards 1 --tokenizer data/tok --out data/smoltalk
+#   python data.py --sft --source smoltalk mmlu-aux arc-easy arc-challenge openbookqa \
+#       commonsenseqa --max_shards 1 --tokenizer data/tok --out data/smoltalk_mc
 # Launch:  python train.py config/sft.py            (1 GPU: 8 accumulation steps)
 #          torchrun --nproc_per_node=8 train.py config/sft.py
 # Batch: 8 packed rows x 2048 tokens x 8 GPUs x 1 = 131,072 tokens per step (padding included);
 #   the loss is the mean over the assistant tokens of the whole step, on all micro-steps and GPUs.
 out_dir = "out/sft"
 stage = "sft"
-init_from = "pretrain"          # the newest pretrain checkpoint under out/; or a path
+init_from = "pretrain"          # the newest pretraining-kind checkpoint under out/ (mid's, when
+                                # config/mid.py ran after pretraining); or a path
 data_dir = "data/smoltalk"
 block_size = 2048
 batch_size = 8

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import checkpoint
+import demo_world
 import demo  # conftest puts the repo root on sys.path; the script's main() only runs as __main__
 import generate
 
@@ -62,35 +63,57 @@ def worlds(tmp_path_factory):
 
 
 def test_world_is_deterministic(worlds):
-    files = ["pretrain.jsonl", "chat.jsonl", "mmlu/test/demo_world_test.csv",
-             "mmlu/dev/demo_world_dev.csv"]
+    files = ["pretrain.jsonl", "mc.jsonl", "chat.jsonl", "mmlu/dev/demo_mc_dev.csv",
+             *[f"mmlu/test/demo_{kind}_test.csv" for kind in demo_world.KINDS]]
     # a and b come from the same seed, c from another
     assert all((worlds / "a" / f).read_bytes() == (worlds / "b" / f).read_bytes() for f in files)
     seed_1 = (worlds / "c" / "pretrain.jsonl").read_bytes()
     assert (worlds / "a" / "pretrain.jsonl").read_bytes() != seed_1
 
 
+def world_tests(world_dir):
+    return {kind: read_csv(world_dir / f"mmlu/test/demo_{kind}_test.csv")
+            for kind in demo_world.KINDS}
+
+
 def test_world_test_letters_are_balanced(worlds):
-    test = read_csv(worlds / "a" / "mmlu/test/demo_world_test.csv")
-    assert all(len(row) == 6 and row[5] in "ABCD" for row in test)
-    counts = [sum(row[5] == letter for row in test) for letter in "ABCD"]
-    assert max(counts) - min(counts) <= 2, counts
+    for kind, test in world_tests(worlds / "a").items():
+        assert all(len(row) == 6 and row[5] in "ABCD" for row in test)
+        counts = [sum(row[5] == letter for row in test) for letter in "ABCD"]
+        assert max(counts) - min(counts) <= 2, (kind, counts)
 
 
-def test_world_test_facts_are_stated_in_prose(worlds):
-    """Every test fact is in the pretraining text: the gold value appears in a sentence naming the
-    person."""
+def one_person_sentences(world_dir):
+    """{name: [sentences of the pretraining text that name that person and no other]}."""
+    names = [p["name"] for p in json.loads((world_dir / "world.json").read_text())["people"]]
+    out = {n: [] for n in names}
+    for d in read_jsonl(world_dir / "pretrain.jsonl"):
+        for s in re.split(r'(?<=[."]) ', d["text"]):
+            named = [n for n in names if n in s]
+            if len(named) == 1:
+                out[named[0]].append(s)
+    return out
+
+
+def fact_of(people, q, choices, ans):
+    name = next(n for n in people if n in q)
+    gold = choices["ABCD".index(ans)]
+    return name, gold
+
+
+def test_world_prose_states_prose_facts_and_never_chat_facts(worlds):
+    """Prose and mc facts are stated in sentences about that one person; chat facts never are
+    (every fact's value is a word that no other attribute uses)."""
     a = worlds / "a"
-    test = read_csv(a / "mmlu/test/demo_world_test.csv")
-    world = json.loads((a / "world.json").read_text())
-    people = {p["name"]: p for p in world["people"]}
-    sentences = [s for d in read_jsonl(a / "pretrain.jsonl")
-                 for s in re.split(r"(?<=\.) ", d["text"])]
-    for q, *choices, ans in test:
-        name = next(n for n in people if n in q)
-        gold = choices["ABCD".index(ans)]
-        assert gold in people[name].values()
-        assert any(name in s and re.search(rf"\b{gold}\b", s) for s in sentences), q
+    people = {p["name"]: p for p in json.loads((a / "world.json").read_text())["people"]}
+    sentences = one_person_sentences(a)
+    for kind, test in world_tests(a).items():
+        for q, *choices, ans in test:
+            name, gold = fact_of(people, q, choices, ans)
+            assert people[name]["kinds"][next(k for k, v in people[name].items()
+                                               if v == gold)] == kind
+            stated = any(re.search(rf"\b{gold}\b", s) for s in sentences[name])
+            assert stated == (kind != "chat"), (kind, q)
 
 
 def user_turns(world_dir):
@@ -98,11 +121,19 @@ def user_turns(world_dir):
             if m["role"] == "user"]
 
 
-def test_world_test_facts_are_never_asked_in_chat(worlds):
-    """No chat turn contains a test question (with or without choices)."""
-    test = read_csv(worlds / "a" / "mmlu/test/demo_world_test.csv")
-    asked = {t.split("\n")[0] for t in user_turns(worlds / "a")}
-    assert not asked & {q for q, *_ in test}
+def test_world_asks_only_mc_facts_as_four_choice_and_never_prose_facts(worlds):
+    turns = user_turns(worlds / "a")
+    open_questions = {t for t in turns if "\nA. " not in t}
+    four_choice = {t.split("\n")[0] for t in turns if "\nA. " in t}
+    tests = world_tests(worlds / "a")
+    assert {q for q, *_ in tests["mc"]} <= four_choice
+    assert {q for q, *_ in tests["chat"]} <= open_questions
+    assert not {q for q, *_ in tests["chat"] + tests["prose"]} & four_choice
+    assert not {q for q, *_ in tests["prose"]} & open_questions
+    # the plain-text 4-choice documents hold the mc facts' questions only
+    mc_text = "".join(d["text"] for d in read_jsonl(worlds / "a" / "mc.jsonl"))
+    assert all(q in mc_text for q, *_ in tests["mc"])
+    assert not any(q in mc_text for q, *_ in tests["chat"] + tests["prose"])
 
 
 def test_chat_set_teaches_the_four_choice_format(worlds):
@@ -123,6 +154,8 @@ def test_demo_bad_command_lines_are_clear_errors():
         demo.main(["report"])
     with pytest.raises(ValueError, match="unknown config key 'sft'"):
         demo.main(["world", "--out", "x", "--sft", "y"])  # an option of report, not of world
+    with pytest.raises(ValueError, match="--mc_facts 5 must be 1 to 4"):
+        demo.main(["world", "--out", "x", "--mc_facts", "5"])
 
 
 # ---- the whole pipeline (about two minutes on 2 cores)
@@ -131,6 +164,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     raw = tmp_path / "raw"    # the world
     tok = tmp_path / "tok"
     data = tmp_path / "data"  # pretraining shards
+    mcq = tmp_path / "mcq"    # the 4-choice questions as plain text, mixed into pretraining
     chat = tmp_path / "chat"  # SFT shards
     pt = tmp_path / "pt"      # the pretraining run
     sft = tmp_path / "sft"    # the SFT run
@@ -142,8 +176,11 @@ def test_demo_pipeline_end_to_end(tmp_path):
     run("data.py", "--sft", "--input", raw / "chat.jsonl", "--tokenizer", tok, "--out", chat,
         "--mmlu_dir", raw / "mmlu", "--max_len", 128, "--workers", 1)
 
-    run("train.py", "config/demo.py", f"--data_dir={data}", f"--out_dir={pt}", *PRETRAIN)
-    bpb = [r["val_bpb"] for r in read_jsonl(pt / "log.jsonl") if "val_bpb" in r]
+    run("data.py", "--input", raw / "mc.jsonl", "--tokenizer", tok, "--out", mcq,
+        "--val_fraction", 0.05, "--workers", 1)
+    run("train.py", "config/demo.py", f"--data_dir={data}:0.85,{mcq}:0.15", f"--out_dir={pt}",
+        *PRETRAIN)
+    bpb = [r["val_bpb/data"] for r in read_jsonl(pt / "log.jsonl") if "val_bpb/data" in r]
     assert bpb[-1] < 0.5 * bpb[0], bpb  # pretraining: the model learns the world's text
     assert (pt / "loss.png").stat().st_size > 0
 
@@ -151,8 +188,8 @@ def test_demo_pipeline_end_to_end(tmp_path):
     # answer first.
     run("eval_mmlu.py", "--ckpt", pt, "--data", raw / "mmlu", "--method", "cloze", "--shots", 0,
         "--out", pt / "cloze.json", "--device", "cpu")
-    cloze = json.loads((pt / "cloze.json").read_text())["metrics"]["acc"]["micro"]
-    assert cloze["acc"] >= 0.25 + MC_MARGIN, cloze
+    cloze = json.loads((pt / "cloze.json").read_text())["metrics"]["acc"]["subjects"]
+    assert cloze["demo_prose"]["acc"] >= 0.25 + MC_MARGIN, cloze
 
     run("train.py", "config/sft_demo.py", f"--data_dir={chat}", f"--init_from={pt}",
         f"--out_dir={sft}", *SFT)
@@ -163,8 +200,9 @@ def test_demo_pipeline_end_to_end(tmp_path):
     run("eval_mmlu.py", "--ckpt", sft, "--data", raw / "mmlu", "--method", "letter", "--shots", 0,
         "--chat", "--out", mc, "--device", "cpu")
     res = json.loads(mc.read_text())
-    acc = res["metrics"]["acc"]["micro"]
-    assert acc["n"] == len(read_csv(raw / "mmlu/test/demo_world_test.csv"))
+    acc = res["metrics"]["acc"]["subjects"]
+    assert {s: a["n"] for s, a in acc.items()} == \
+        {s: len(read_csv(raw / f"mmlu/test/{s}_test.csv")) for s in demo.SUBJECTS.values()}
     # The letter format (the reply's first token among A-D) stays near chance at this scale (see
     # the README's demo table): we check the stage ran on every question, not a margin.
     assert all(q["pred"] in "ABCD" and len(q["loglik"]) == 4 for q in res["questions"])
@@ -187,7 +225,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     (pt / "timings.tsv").write_text("pretrain\t12.5\nsft\t3.0\n")
     run("demo.py", "report", "--out", pt, "--sft", sft, "--world", raw)
     report = (pt / "report.md").read_text()
-    assert f"{100 * acc['acc']:.1f}%" in report and f"{100 * cloze['acc']:.1f}%" in report
+    assert all(f"{100 * a['acc']:.1f}%" in report for a in [*acc.values(), *cloze.values()])
     assert f"{bpb[0]:.3f}" in report and f"{bpb[-1]:.3f}" in report
     assert f"{sft_loss[-1]:.3f}" in report and "| **total** | **15.5** |" in report
     assert all(q in report for q in questions) and (pt / "sft_loss.png").exists()

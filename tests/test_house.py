@@ -12,7 +12,8 @@ FLOORS = [
     {"common", "config", "readers", "shards", "llm", "bpe", "chat"},
     # data preparation and loading, checkpoints, generation, what the training loop is built from
     {"checkpoint", "generate", "data", "sft_data", "mmlu", "loader", "tasks", "loss_eval", "plan",
-     "runlog", "gguf_export", "val_split", "parallel", "optim", "train_state"},
+     "runlog", "gguf_export", "val_split", "parallel", "optim", "train_state", "mc_data",
+     "demo_world"},
     # the scripts
     {"train", "sample", "eval_mmlu", "export_hf", "demo"},
 ]
