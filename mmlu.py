@@ -32,44 +32,48 @@ def _load_hub(split):
     return dict(sorted(data.items()))
 
 
-def _load_folder(source, split):
-    """The original release's layout: {split}/<subject>_{split}.csv, no header, 6 fields a row."""
+def _csv_files(source, split):
+    """{subject: file} in the original release's layout: {split}/<subject>_{split}.csv."""
     files = sorted((Path(source) / split).glob(f"*_{split}.csv"))
     if not files:
         raise FileNotFoundError(f"no {split}/<subject>_{split}.csv files in MMLU folder {source}: "
                                 f"fetch them with `python data.py --mmlu --out {source}`")
-    data = {}
-    for f in files:
-        items = data[f.name[:-len(f"_{split}.csv")]] = []
-        with open(f, encoding="utf-8", newline="") as fh:
-            reader = csv.reader(fh)
-            for row in reader:
-                where = f"{f} line {reader.line_num}"
-                if len(row) != 6:
-                    raise ValueError(f"{where}: expected 6 fields (question, A, B, C, D, answer), "
-                                     f"got {len(row)}; fix or remove that row")
-                if row[5].strip() not in ("A", "B", "C", "D"):
-                    raise ValueError(f"{where}: answer {row[5]!r} is not A, B, C or D; "
-                                     "fix that row")
-                items.append({"question": row[0], "choices": row[1:5], "answer": row[5].strip()})
-    return data
+    return {f.name[:-len(f"_{split}.csv")]: f for f in files}
+
+
+def _read_csv(f):
+    """One subject's questions: no header, 6 fields a row."""
+    items = []
+    with open(f, encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh)
+        for row in reader:
+            where = f"{f} line {reader.line_num}"
+            if len(row) != 6:
+                raise ValueError(f"{where}: expected 6 fields (question, A, B, C, D, answer), "
+                                 f"got {len(row)}; fix or remove that row")
+            if row[5].strip() not in ("A", "B", "C", "D"):
+                raise ValueError(f"{where}: answer {row[5]!r} is not A, B, C or D; fix that row")
+            items.append({"question": row[0], "choices": row[1:5], "answer": row[5].strip()})
+    return items
 
 
 def load_mmlu(source, split="test", subjects=None):
     """{subject: [{question, choices (4 str), answer 'A'..'D'}]} from "hub" (cais/mmlu) or a folder
-    laid out as the original release: {dev,val,test}/<subject>_<split>.csv."""
+    laid out as the original release: {dev,val,test}/<subject>_<split>.csv (only the files of
+    the subjects asked for are read)."""
     if split not in MMLU_SPLITS:
         raise ValueError(f"MMLU split {split!r} does not exist: use one of "
                          f"{', '.join(MMLU_SPLITS)}")
-    data = _load_hub(split) if str(source) == "hub" else _load_folder(source, split)
-    if subjects:
-        subjects = subjects.split(",") if isinstance(subjects, str) else list(subjects)
-        missing = [s for s in subjects if s not in data]
-        if missing:
-            raise ValueError(f"MMLU subject(s) {', '.join(missing)} not in {source} {split}; "
-                             f"available: {', '.join(data)}")
-        data = {s: data[s] for s in subjects}
-    return data
+    hub = str(source) == "hub"
+    found = _load_hub(split) if hub else _csv_files(source, split)
+    if isinstance(subjects, str):
+        subjects = subjects.split(",")
+    subjects = list(subjects or found)
+    missing = [s for s in subjects if s not in found]
+    if missing:
+        raise ValueError(f"MMLU subject(s) {', '.join(missing)} not in {source} {split}; "
+                         f"available: {', '.join(found)}")
+    return {s: found[s] if hub else _read_csv(found[s]) for s in subjects}
 
 
 def save_mmlu(out_dir):

@@ -13,8 +13,10 @@ For each round and each --shots value it runs, one after the other on the same m
             --out FILE
 (lm-eval first, then kiln, alternating, so drift in machine load hits both alike), and prints the
 questions per second of each, the median of the per-round ratios (lm-eval's seconds over kiln's:
-above 1, kiln answers faster), the scoring loop's share (from each tool's progress bar), and how many
-answers (argmax of the four log-likelihoods) agree, with the largest log-likelihood difference.
+above 1, kiln answers faster), the same ratio of CPU seconds (user + system of the whole process:
+steadier than wall time when others load the box), the scoring loop's share (from each tool's
+progress bar), and how many answers (argmax of the four log-likelihoods) agree, with the largest
+log-likelihood difference.
 
 lm-eval reads MMLU from --data (the original CSV layout, {dev,test}/<subject>_{dev,test}.csv), not
 from the hub: the CSVs become JSON lines shaped like cais/mmlu (question, subject, choices, answer
@@ -37,6 +39,7 @@ import importlib.util
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -137,20 +140,28 @@ def commands(args, hf, data, subjects, tasks, shots, out):
     return lm, kiln
 
 
+def cpu_seconds_of_children():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def timed(argv, env, log, bar):
-    """Wall seconds of the whole process, and the elapsed time of its last progress bar named
-    `bar` (the scoring loop; tqdm's whole seconds)."""
+    """Wall seconds of the whole process, its CPU seconds (user + system, all its threads: less
+    swayed than wall time by other work on a shared box), and the elapsed time of its last
+    progress bar named `bar` (the scoring loop; tqdm's whole seconds)."""
     t0 = time.perf_counter()
+    cpu0 = cpu_seconds_of_children()
     with open(log, "w") as fh:
         proc = subprocess.run(argv, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - t0
+    cpu = cpu_seconds_of_children() - cpu0
     text = Path(log).read_text()
     if proc.returncode:
         sys.exit(f"error: {' '.join(argv)} exited {proc.returncode}; its output: {log}\n"
                  + text[-3000:])
     done = re.findall(re.escape(bar) + r": 100%\|[^|]*\| \d+/\d+ \[(?:(\d+):)?(\d+):(\d+)<", text)
     h, m, s = done[-1] if done else ("", "nan", "nan")
-    return seconds, float(h or 0) * 3600 + float(m) * 60 + float(s)
+    return seconds, cpu, float(h or 0) * 3600 + float(m) * 60 + float(s)
 
 
 def lm_eval_answers(out):
@@ -227,10 +238,12 @@ def run_pair(args, ctx, shots, tag):
     lm, kiln = commands(args, hf, data, subjects, tasks, shots, out)
     shutil.rmtree(out, ignore_errors=True)  # lm-eval adds files per run: read only this run's
     out.mkdir(parents=True)
-    t_lm, score_lm = timed(lm, env, out / "lm_eval.log", "Running loglikelihood requests")
-    t_kiln, score_kiln = timed(kiln, env, out / "kiln.log", "mmlu")
+    t_lm, cpu_lm, score_lm = timed(lm, env, out / "lm_eval.log", "Running loglikelihood requests")
+    t_kiln, cpu_kiln, score_kiln = timed(kiln, env, out / "kiln.log", "mmlu")
     cmp = compare(out / "kiln.json", lm_eval_answers(out), hf)
-    return t_lm, t_kiln, {**cmp, "lm_eval_scoring_s": score_lm, "kiln_scoring_s": score_kiln}
+    return t_lm, t_kiln, {**cmp, "lm_eval_scoring_s": score_lm, "kiln_scoring_s": score_kiln,
+                          "lm_eval_cpu_s": cpu_lm, "kiln_cpu_s": cpu_kiln,
+                          "cpu_ratio": cpu_lm / cpu_kiln}
 
 
 def main():
@@ -257,7 +270,9 @@ def main():
             rounds[k].append({"lm_eval_s": t_lm, "kiln_s": t_kiln, "ratio": t_lm / t_kiln, **cmp})
             print(f"round {r} {k}-shot: lm-eval {t_lm:.1f} s ({cmp['n'] / t_lm:.1f} q/s; scoring "
                   f"{cmp['lm_eval_scoring_s']:.0f} s), kiln {t_kiln:.1f} s ({cmp['n'] / t_kiln:.1f} "
-                  f"q/s; scoring {cmp['kiln_scoring_s']:.0f} s), ratio {t_lm / t_kiln:.2f}; "
+                  f"q/s; scoring {cmp['kiln_scoring_s']:.0f} s), ratio {t_lm / t_kiln:.2f} (CPU "
+                  f"seconds {cmp['lm_eval_cpu_s']:.1f} / {cmp['kiln_cpu_s']:.1f} = "
+                  f"{cmp['cpu_ratio']:.2f}); "
                   f"agree {cmp['agree']}/{cmp['n']}, on the {cmp['n_fit']} that fit "
                   f"{cmp['agree_fit']}/{cmp['n_fit']}, max |ll diff| "
                   f"{cmp['max_abs_ll_diff_fit']:.1e}", flush=True)
@@ -265,11 +280,13 @@ def main():
     for k, rs in rounds.items():
         n = rs[0]["n"]
         summary[k] = {"questions": n, "median_ratio": statistics.median(r["ratio"] for r in rs),
+                      "median_cpu_ratio": statistics.median(r["cpu_ratio"] for r in rs),
                       "lm_eval_qps": statistics.median(n / r["lm_eval_s"] for r in rs),
                       "kiln_qps": statistics.median(n / r["kiln_s"] for r in rs)}
         print(f"{k}-shot, {n} questions, {len(rs)} rounds: kiln {summary[k]['kiln_qps']:.1f} q/s, "
               f"lm-eval {summary[k]['lm_eval_qps']:.1f} q/s (medians); median ratio "
-              f"{summary[k]['median_ratio']:.2f}x")
+              f"{summary[k]['median_ratio']:.2f}x (CPU seconds: "
+              f"{summary[k]['median_cpu_ratio']:.2f}x)")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "hf": str(hf), "rounds": rounds,
                                               "summary": summary}, indent=1) + "\n")

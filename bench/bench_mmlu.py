@@ -1,6 +1,6 @@
-"""MMLU scoring speed on CPU: eval_mmlu.evaluate (length-sorted batches, one forward pass per
-question, lm_head only at the answer position) against a naive loop (one unbatched forward pass per
-question per choice, full logits).
+"""MMLU scoring speed on CPU: eval_mmlu.evaluate (a subject's shared prefix run once, length-sorted
+batches, one forward pass per question, the last MLP and lm_head only at the answer position)
+against a naive loop (one unbatched forward pass per question per choice, full logits).
 
     python bench/bench_mmlu.py          # all 14,042 test questions of ../shared/data/mmlu, 0-shot
     python bench/bench_mmlu.py --limit 2 --subset 1 --rounds 2    # quick: 2 questions per subject

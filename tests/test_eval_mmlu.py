@@ -1,7 +1,10 @@
 """eval_mmlu.py: lm-eval's prompt strings, scores against direct log-softmax, a model that always
 says C, bad CSVs."""
 import csv
+import itertools
 import json
+import math
+import os
 import re
 from pathlib import Path
 
@@ -119,6 +122,67 @@ def test_letter_scores_equal_direct_log_softmax(setup, shots):
             assert (rec["subject"], rec["index"], rec["gold"]) == (subject, i, r[5])
             assert rec["loglik"] == pytest.approx(want, abs=1e-4)
             assert rec["pred"] == LETTERS[max(range(4), key=want.__getitem__)]
+
+
+def letter_rows(tok, subject, items, shots):
+    return [row for q, item in enumerate(items)
+            for row in eval_mmlu.make_rows(q, *eval_mmlu.encode(tok, subject, item, shots,
+                                                                "letter", False))]
+
+
+def test_a_subjects_rows_share_their_common_tokens(setup):
+    """5-shot: every anatomy prompt starts with the description and five examples; the rows share
+    exactly the tokens they have in common (os.path.commonprefix over the id lists), which the
+    scorer runs once (generate.prefill_shared)."""
+    tok = setup["tok"]
+    items = setup["tests"]["anatomy"]
+    rows = letter_rows(tok, "anatomy", items, setup["devs"]["anatomy"])
+    common = os.path.commonprefix([ids for ids, _ in rows])
+    head = eval_mmlu.build_prompt("anatomy", items[0], setup["devs"]["anatomy"])
+    head = head[:-len(eval_mmlu.doc_text(items[0]))]        # description and examples
+    assert eval_mmlu.shared_len(rows) == len(common) >= len(tok.encode_hf([head])[0]) - 1
+
+
+def test_a_shared_string_that_bpe_merges_onward_is_shared_only_up_to_the_merge(setup):
+    """Two questions that both start with "Which ": their prompts share that string, but BPE glues
+    the space to the next word, so the tokens of the shared string are not a prefix of either
+    prompt's tokens. Only the tokens both prompts really start with are shared, and the scores
+    equal direct log-softmax over each whole prompt."""
+    tok, model = setup["tok"], setup["model"]
+    items = [setup["tests"]["anatomy"][i] for i in (0, 4)]          # "Which organ", "Which carries"
+    shots = setup["devs"]["anatomy"]
+    prompts = [eval_mmlu.build_prompt("anatomy", item, shots) for item in items]
+    shared = os.path.commonprefix(prompts)
+    assert shared.endswith("Which ")
+    full = tok.encode_hf(prompts)
+    shared_ids = tok.encode_hf([shared])[0]
+    assert all(ids[:len(shared_ids)] != shared_ids for ids in full)  # the case this test is for
+    rows = letter_rows(tok, "anatomy", items, shots)
+    assert eval_mmlu.shared_len(rows) == len(tok.encode_hf([shared.removesuffix(" ")])[0])
+    res = eval_mmlu.evaluate(model, tok, {"anatomy": items}, setup["devs"], shots=5)
+    for rec, ids in zip(res["questions"], full):
+        lp = direct_logprobs(model, ids)[-1]
+        assert rec["loglik"] == pytest.approx([lp[tok.encode(" " + L)[0]].item() for L in LETTERS],
+                                              abs=1e-4)
+
+
+def test_batches_cost_the_least_of_every_way_to_cut():
+    """batches' dynamic programme against every cut of 9 sorted lengths into runs of at most 3:
+    padded tokens plus the per-batch overhead."""
+    lengths = [40, 31, 30, 29, 12, 11, 10, 3, 2]
+
+    def cost(spans):
+        return sum(lengths[a] * (b - a) + 8 for a, b in spans)
+    best = math.inf
+    for cuts in itertools.product([False, True], repeat=len(lengths) - 1):
+        ends = [i + 1 for i, cut in enumerate(cuts) if cut] + [len(lengths)]
+        spans = list(zip([0] + ends[:-1], ends))
+        if all(b - a <= 3 for a, b in spans):
+            best = min(best, cost(spans))
+    spans = eval_mmlu.batches(lengths, 3, overhead=8)
+    assert [a for a, _ in spans][0] == 0 and spans[-1][1] == len(lengths)
+    assert all(b == c for (_, b), (c, _) in zip(spans, spans[1:]))
+    assert all(b - a <= 3 for a, b in spans) and cost(spans) == best
 
 
 def test_cloze_scores_equal_direct_computation(setup):

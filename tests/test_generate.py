@@ -134,6 +134,40 @@ def test_kv_cache_refuses_to_overflow():
         cache.update(3, k, k)
 
 
+def test_shared_prefix_then_batches_of_suffixes_equal_full_forwards():
+    """prefill_shared runs a prefix once for every cache row; rows that continue it, in a full batch
+    and then a smaller one (the caches' first rows), get the hidden states of their whole rows."""
+    model = tiny_model(n_kv_head=2)
+    prefix = prompt(model, 1, 7, seed=5)[0]                                       # (P,)
+    rows = torch.cat([prefix.expand(5, -1), prompt(model, 5, 6, seed=6)], dim=1)  # (5, P + 6)
+    net = generate.with_kv_cache(model, 3, 13)
+    with torch.no_grad():
+        generate.prefill_shared(net, prefix)
+        got = [net.hidden(rows[a:b, 7:], start=7) for a, b in ((0, 3), (3, 5))]
+        want = model.hidden(rows)[:, 7:]
+    assert torch.allclose(torch.cat(got), want, atol=1e-5)
+
+
+def test_scoring_copy_gives_the_hidden_states_at_the_chosen_positions():
+    """for_scoring runs the last block's output projection and MLP only at the positions set by
+    score_at: there the states equal the plain model's, after a shared prefix too."""
+    model = tiny_model(n_kv_head=2)
+    idx = prompt(model, 3, 10, seed=8)
+    idx[:, :4] = idx[0, :4]                                        # a 4-token shared prefix
+    rows = torch.tensor([0, 1, 2, 2])
+    cols = torch.tensor([5, 0, 2, 5])                              # after the prefix
+    net = generate.for_scoring(model, 3, 10)
+    with torch.no_grad():
+        want = model.hidden(idx)[:, 4:][rows, cols]
+        generate.score_at(net, (), ())
+        generate.prefill_shared(net, idx[0, :4])
+        generate.score_at(net, rows, cols)
+        h = net.hidden(idx[:, 4:], start=4)                                 # (3, 6, d_model)
+    assert torch.allclose(h[rows, cols], want, atol=1e-5)
+    # elsewhere the last MLP did not run: the states differ
+    assert not torch.allclose(h[1, 3], model.hidden(idx)[1, 7], atol=1e-3)
+
+
 # -------------------------------------------------------------------------------------------------
 # Compiled decode
 

@@ -66,6 +66,16 @@ def test_bad_rows_name_file_and_line(tmp_path, text, error):
         mmlu.load_mmlu(tmp_path, "test")
 
 
+def test_only_the_subjects_asked_for_are_read(tmp_path):
+    """A bad row in a subject nobody asked for does not stop the others (only their files are
+    read), and is still found when every subject is read."""
+    write_mmlu(tmp_path, ROWS)
+    (tmp_path / "test" / "bad_test.csv").write_text("q,a,b,c,d,E\n")
+    assert mmlu.load_mmlu(tmp_path, "test", "algebra")["algebra"][0]["answer"] == "D"
+    with pytest.raises(ValueError, match="bad_test.csv line 1"):
+        mmlu.load_mmlu(tmp_path, "test")
+
+
 def test_real_folder_matches_published_counts(shared_data):
     folder = shared_data / "mmlu"
     expect = {}
