@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import conftest
+import optim
 import tasks
 import train
 
@@ -174,6 +175,29 @@ def test_gated_step_skips_exactly(fused):
     assert same(snapshot(model, opt), before)
     train.gated_step(opt, torch.tensor(False))
     assert not same(snapshot(model, opt), before)
+    assert all(torch.isnan(p).all() for p in model.parameters())
+
+
+def test_gated_step_skips_muon_exactly(monkeypatch):
+    """Muon + AdamW take the flag on the device too (no .item()): a skipped step leaves weights,
+    Muon's momentum and AdamW's moments and step count bitwise as they were."""
+    model = tiny_model()
+    cfg = SimpleNamespace(optimizer="muon", learning_rate=1e-2, muon_lr=0.02, weight_decay=0.1,
+                          beta1=0.9, beta2=0.95)
+    opt = optim.make_optimizer(cfg, model, torch.device("cpu"))
+    model(*pretrain_batch(1)[:2])[1].backward()
+    opt.step()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+
+    def state():
+        return ([p.detach().clone() for p in model.parameters()],
+                [v.clone() for o in opt for s in o.state.values() for v in s.values()])
+    before = state()
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: pytest.fail("the skip flag was read"))
+    train.gated_step(opt, torch.tensor(True))
+    assert same(state(), before)
+    train.gated_step(opt, torch.tensor(False))
     assert all(torch.isnan(p).all() for p in model.parameters())
 
 
