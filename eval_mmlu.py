@@ -50,7 +50,6 @@ import config
 import generate
 import mmlu
 
-LETTERS = "ABCD"
 # The MMLU paper's subject -> category map, as lm-eval's mmlu_{stem,humanities,social_sciences,
 # other} groups.
 CATEGORIES = {
@@ -74,49 +73,21 @@ CATEGORIES = {
 CATEGORY = {s: cat for cat, names in CATEGORIES.items() for s in names.split()}
 
 
-def doc_text(item, method="letter"):
-    """One question as lm-eval's doc_to_text renders it."""
-    if method == "cloze":
-        return f"Question: {item['question'].strip()}\nAnswer:"
-    choices = "".join(f"\n{l}. {c}" for l, c in zip(LETTERS, item["choices"]))
-    return item["question"].strip() + choices + "\nAnswer:"
-
-
-def build_prompt(subject, item, shots, method="letter"):
-    """The context string: description, each example with " " + its answer and a blank line, then
-    the question."""
-    kind = "multiple choice questions" if method == "letter" else "questions"
-
-    def gold(ex):  # cloze: the answer's text; letter: the letter
-        return ex["choices"][LETTERS.index(ex["answer"])] if method == "cloze" else ex["answer"]
-    head = f"The following are {kind} (with answers) about {subject.replace('_', ' ')}.\n\n"
-    examples = "".join(f"{doc_text(ex, method)} {gold(ex)}\n\n" for ex in shots)
-    return head + examples + doc_text(item, method)
-
-
-def chat_messages(item, shots):
-    """--chat: few-shot examples as earlier turns, the question as the last user turn."""
-    def user(ex):
-        question = doc_text(ex).removesuffix("Answer:")
-        return {"role": "user", "content": question + "Answer with the letter."}
-    turns = [m for ex in shots for m in (user(ex), {"role": "assistant", "content": ex["answer"]})]
-    return turns + [user(item)]
-
-
 def continuations(item, method):
     """The four continuation strings: " A".." D", or cloze's " {choice text}"."""
-    return [" " + (c if method == "cloze" else l) for l, c in zip(LETTERS, item["choices"])]
+    return [" " + (c if method == "cloze" else l) for l, c in zip(mmlu.LETTERS, item["choices"])]
 
 
 def encode_all(tok, jobs, method, chat):
     """[(subject, item, shots)] -> [(context ids, four continuation id lists)], with lm-eval's
     continuation = whole[len(context):]. Every string in one encode_batch (Rust, all cores)."""
     if chat:
-        conts = [tok.encode(l) for l in LETTERS]
-        return [(tok.render_prompt(chat_messages(item, shots)), conts) for _, item, shots in jobs]
+        conts = [tok.encode(l) for l in mmlu.LETTERS]
+        return [(tok.render_prompt(mmlu.chat_messages(item, shots)), conts)
+                for _, item, shots in jobs]
     texts = []
     for subject, item, shots in jobs:
-        ctx = build_prompt(subject, item, shots, method)
+        ctx = mmlu.build_prompt(subject, item, shots, method)
         texts += [ctx] + [ctx + c for c in continuations(item, method)]
     # as lm-eval encodes: the model's tokenizer with add_special_tokens=True, so a BOS only where
     # that tokenizer adds one itself (kiln's adds <|bos|>, as every training document starts)
@@ -280,7 +251,7 @@ def evaluate(model, tok, tests, devs, shots=0, method="letter", chat=False, batc
     lls = score_rows(model, list(groups.values()), batch_size)
 
     def argmax(xs):  # the first of ties, like numpy's argmax
-        return LETTERS[max(range(4), key=xs.__getitem__)]
+        return mmlu.LETTERS[max(range(4), key=xs.__getitem__)]
     for q, rec in enumerate(questions):
         rec["loglik"] = [lls[q, c] for c in range(4)]
         rec["pred"] = argmax(rec["loglik"])

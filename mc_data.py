@@ -25,10 +25,10 @@ import random
 from pathlib import Path
 
 import common
+import mmlu
 import readers
 import sft_data
 
-LETTERS = "ABCD"
 # name -> (hub repo, file patterns, licence on the dataset card, subject in the prompt's header).
 # SciQ (allenai/sciq) is left out: CC BY-NC 3.0, non-commercial only.
 MC_PRESETS = {
@@ -43,24 +43,16 @@ MC_PRESETS = {
 MAX_SHOTS = 5  # the longest document: as many questions as eval_mmlu.py's 5-shot prompt
 
 
-# ---- the prompt formats of eval_mmlu.py (lm-eval's `mmlu`); tests check them character by
-# character against eval_mmlu's own builders
-def question_text(item):
-    """A question and its lettered choices, without the "Answer" line."""
-    return item["question"].strip() + "".join(f"\n{L}. {c}" for L, c in zip(LETTERS,
-                                                                             item["choices"]))
-
-
+# ---- the two renderings: mmlu.py's prompt (what eval_mmlu.py scores), and its chat turn
 def text_document(subject, items):
     """The plain-text prompt of len(items) - 1 examples and a question, then its answer."""
-    head = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
-    return head + "\n\n".join(f"{question_text(it)}\nAnswer: {it['answer']}" for it in items)
+    return mmlu.build_prompt(subject, items[-1], items[:-1]) + " " + items[-1]["answer"]
 
 
 def chat_record(item):
     """The question as eval_mmlu.py --chat asks it, answered with the bare letter."""
-    return {"messages": [{"role": "user", "content": question_text(item) + "\nAnswer with the "
-                          "letter."}, {"role": "assistant", "content": item["answer"]}]}
+    return {"messages": mmlu.chat_messages(item, []) + [{"role": "assistant",
+                                                        "content": item["answer"]}]}
 
 
 # ---- reading each source's rows
@@ -96,7 +88,7 @@ def to_item(r):
         drop = set(random.Random(seed).sample(wrong, len(texts) - 4))
         answer -= sum(i < answer for i in drop)
         texts = [t for i, t in enumerate(texts) if i not in drop]
-    return {"question": question, "choices": list(texts), "answer": LETTERS[answer]}, None
+    return {"question": question, "choices": list(texts), "answer": mmlu.LETTERS[answer]}, None
 
 
 def render(name, files, chat, out_dir, grams):
@@ -108,7 +100,8 @@ def render(name, files, chat, out_dir, grams):
         for r in readers.iter_records(path):
             counts["rows"] += 1
             item, why = to_item(r)
-            if item and grams and sft_data.ngrams(question_text(item)) & grams:
+            question = item and mmlu.doc_text(item).removesuffix("Answer:")
+            if item and grams and sft_data.ngrams(question) & grams:
                 why = "contaminated"
             if why:
                 counts[why] = counts.get(why, 0) + 1

@@ -3,7 +3,10 @@
     items = load_mmlu("data/mmlu", "test")  # {subject: [{question, choices, answer 'A'..'D'}]}
     python data.py --mmlu --out data/mmlu   # fetch cais/mmlu into the CSV layout, or check it
 
-eval_mmlu.py scores these; sft_data.py drops SFT records that overlap the test questions.
+    build_prompt(subject, item, shots)      # lm-eval's `mmlu` prompt, as eval_mmlu.py scores it
+
+eval_mmlu.py scores these; sft_data.py drops SFT records that overlap the test questions; mc_data.py
+renders other multiple-choice sets in the same prompt.
 """
 import csv
 import io
@@ -107,3 +110,36 @@ def fetch_or_check(out_dir):
             d = load_mmlu(out, split)
             n = sum(map(len, d.values()))
             print(f"{out}/{split}: {len(d)} subjects, {n:,} questions, all rows valid")
+
+
+# ---- The prompt: lm-eval's `mmlu` template (doc_to_text, few-shot from dev), and its chat form
+LETTERS = "ABCD"
+
+
+def doc_text(item, method="letter"):
+    """One question as lm-eval's doc_to_text renders it."""
+    if method == "cloze":
+        return f"Question: {item['question'].strip()}\nAnswer:"
+    choices = "".join(f"\n{l}. {c}" for l, c in zip(LETTERS, item["choices"]))
+    return item["question"].strip() + choices + "\nAnswer:"
+
+
+def build_prompt(subject, item, shots, method="letter"):
+    """The context string: description, each example with " " + its answer and a blank line, then
+    the question."""
+    kind = "multiple choice questions" if method == "letter" else "questions"
+
+    def gold(ex):  # cloze: the answer's text; letter: the letter
+        return ex["choices"][LETTERS.index(ex["answer"])] if method == "cloze" else ex["answer"]
+    head = f"The following are {kind} (with answers) about {subject.replace('_', ' ')}.\n\n"
+    examples = "".join(f"{doc_text(ex, method)} {gold(ex)}\n\n" for ex in shots)
+    return head + examples + doc_text(item, method)
+
+
+def chat_messages(item, shots):
+    """--chat: few-shot examples as earlier turns, the question as the last user turn."""
+    def user(ex):
+        question = doc_text(ex).removesuffix("Answer:")
+        return {"role": "user", "content": question + "Answer with the letter."}
+    turns = [m for ex in shots for m in (user(ex), {"role": "assistant", "content": ex["answer"]})]
+    return turns + [user(item)]

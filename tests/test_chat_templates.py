@@ -16,6 +16,7 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 import bpe
 import eval_mmlu
+import mmlu
 import sample
 import sft_data
 from conftest import run_train
@@ -279,7 +280,7 @@ def test_mmlu_prompts_follow_the_tokenizers_bos_rule(style, method):
             "choices": ["Paris", "the cat", "42", "home"], "answer": "A"}
     shots = [{"question": "What number is 42?", "choices": ["42", "a", "b", "c"], "answer": "A"}]
     ctx_ids, conts = eval_mmlu.encode(tok, "geography", item, shots, method, chat=False)
-    ctx = eval_mmlu.build_prompt("geography", item, shots, method)
+    ctx = mmlu.build_prompt("geography", item, shots, method)
     want = hf(ctx, add_special_tokens=True)["input_ids"]
     assert ctx_ids == want
     assert (want[0] == hf.bos_token_id) == (name != "chatml")

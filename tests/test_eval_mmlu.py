@@ -14,6 +14,7 @@ import torch
 import bpe
 import checkpoint
 import eval_mmlu
+import mmlu
 import llm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,17 +80,17 @@ def test_prompt_strings_match_lm_eval():
     item = as_items(TEST["anatomy"])[3]
     zero = ("The following are multiple choice questions (with answers) about anatomy.\n\n"
             "Where is the \"tibia\"?\nA. leg, lower\nB. arm\nC. skull\nD. hand\nAnswer:")
-    assert eval_mmlu.build_prompt("anatomy", item, []) == zero
+    assert mmlu.build_prompt("anatomy", item, []) == zero
     shots = "".join(f"What is {i} plus {i}?\nA. {2 * i}\nB. {i}\nC. zero\nD. none of these\n"
                     "Answer: A\n\n" for i in range(1, 6))
     five = zero.replace("about anatomy.\n\n", "about anatomy.\n\n" + shots)
-    assert eval_mmlu.build_prompt("anatomy", item, as_items(DEV)) == five
-    assert eval_mmlu.build_prompt("world_religions", item, []).startswith(
+    assert mmlu.build_prompt("anatomy", item, as_items(DEV)) == five
+    assert mmlu.build_prompt("world_religions", item, []).startswith(
         "The following are multiple choice questions (with answers) about world religions.\n\n"
         "Where")
     cloze = ("The following are questions (with answers) about anatomy.\n\n"
              "Question: What is 1 plus 1?\nAnswer: 2\n\nQuestion: Where is the \"tibia\"?\nAnswer:")
-    assert eval_mmlu.build_prompt("anatomy", item, as_items(DEV)[:1], "cloze") == cloze
+    assert mmlu.build_prompt("anatomy", item, as_items(DEV)[:1], "cloze") == cloze
 
 
 def direct_logprobs(model, ids):
@@ -138,8 +139,8 @@ def test_a_subjects_rows_share_their_common_tokens(setup):
     items = setup["tests"]["anatomy"]
     rows = letter_rows(tok, "anatomy", items, setup["devs"]["anatomy"])
     common = os.path.commonprefix([ids for ids, _ in rows])
-    head = eval_mmlu.build_prompt("anatomy", items[0], setup["devs"]["anatomy"])
-    head = head[:-len(eval_mmlu.doc_text(items[0]))]        # description and examples
+    head = mmlu.build_prompt("anatomy", items[0], setup["devs"]["anatomy"])
+    head = head[:-len(mmlu.doc_text(items[0]))]        # description and examples
     assert eval_mmlu.shared_len(rows) == len(common) >= len(tok.encode_hf([head])[0]) - 1
 
 
@@ -151,7 +152,7 @@ def test_a_shared_string_that_bpe_merges_onward_is_shared_only_up_to_the_merge(s
     tok, model = setup["tok"], setup["model"]
     items = [setup["tests"]["anatomy"][i] for i in (0, 4)]          # "Which organ", "Which carries"
     shots = setup["devs"]["anatomy"]
-    prompts = [eval_mmlu.build_prompt("anatomy", item, shots) for item in items]
+    prompts = [mmlu.build_prompt("anatomy", item, shots) for item in items]
     shared = os.path.commonprefix(prompts)
     assert shared.endswith("Which ")
     full = tok.encode_hf(prompts)
@@ -364,7 +365,7 @@ def test_exported_kiln_model_prompts_equal_transformers_encoding(setup, tmp_path
     _, hf_tok, _ = checkpoint.load_model(hf_dir)
     item = setup["tests"]["anatomy"][3]
     shots = setup["devs"]["anatomy"][:2]
-    ctx = eval_mmlu.build_prompt("anatomy", item, shots, method)
+    ctx = mmlu.build_prompt("anatomy", item, shots, method)
     conts = [" " + (c if method == "cloze" else L) for L, c in zip(LETTERS, item["choices"])]
     want = transformers_encoding(hf_dir, ctx, conts)
     assert want[0][0] == setup["tok"].bos_id
@@ -382,7 +383,7 @@ def test_kiln_tokenizer_trained_before_its_bos_post_processor_keeps_its_prompts(
     ckpt = checkpoint.save_checkpoint(tmp_path / "run", 1, setup["model"], {}, {}, {}, old)
     _, old, _ = checkpoint.load_model(ckpt)
     item = setup["tests"]["anatomy"][0]
-    ctx = eval_mmlu.build_prompt("anatomy", item, [])
+    ctx = mmlu.build_prompt("anatomy", item, [])
     got = eval_mmlu.encode(old, "anatomy", item, [], "letter", False)
     assert got[0] == [old.bos_id] + old.encode(ctx)
     hf_dir = export_hf.export(ckpt, tmp_path / "hf")

@@ -13,6 +13,7 @@ import pytest
 
 import data
 import eval_mmlu
+import mmlu
 import mc_data
 import readers
 import shards
@@ -112,7 +113,7 @@ def test_five_choices_keep_the_answer_and_three_distractors():
         item, why = mc_data.to_item(row)
         gold = row["choices"]["text"][row["choices"]["label"].index(row["answerKey"])]
         assert why is None and len(item["choices"]) == 4
-        assert item["choices"][mc_data.LETTERS.index(item["answer"])] == gold
+        assert item["choices"][mmlu.LETTERS.index(item["answer"])] == gold
         # the order of the kept choices is the source's
         kept = [t for t in row["choices"]["text"] if t in item["choices"]]
         assert kept == item["choices"]
@@ -144,7 +145,7 @@ def test_text_prep_renders_eval_mmlus_prompt_exactly(hub, mmlu_dir, tok_dir, tok
             chunks.append(its[:k])
             its = its[k:]
         subject = mc_data.MC_PRESETS[name][3]
-        assert docs == [eval_mmlu.build_prompt(subject, c[-1], c[:-1]) + " " + c[-1]["answer"]
+        assert docs == [mmlu.build_prompt(subject, c[-1], c[:-1]) + " " + c[-1]["answer"]
                         for c in chunks]
         texts += docs
     assert any(doc.count("\nAnswer: ") == 2 for doc in texts)  # a 1-shot document was checked
@@ -165,7 +166,7 @@ def test_chat_prep_renders_eval_mmlus_chat_turn_exactly(hub, mmlu_dir, tok_dir, 
     convs = []
     for name in names:
         recs = read_jsonl(out / "mc_rendered" / f"{name}_chat.jsonl")
-        want = [eval_mmlu.chat_messages(it, []) + [{"role": "assistant", "content": it["answer"]}]
+        want = [mmlu.chat_messages(it, []) + [{"role": "assistant", "content": it["answer"]}]
                 for it in items(name)]
         assert [r["messages"] for r in recs] == want
         convs += want
