@@ -415,7 +415,8 @@ def main(argv=None):
         name = Path(argv[0]).stem if argv and not argv[0].startswith("--") else "train"
         cfg.out_dir = str(Path("out") / name)
     for key, allowed in (("stage", tuple(tasks.STAGES)), ("schedule", ("cosine", "wsd")),
-                         ("dtype", ("auto", "float32", "bfloat16", "float16"))):
+                         ("dtype", ("auto", "float32", "bfloat16", "float16")),
+                         ("optimizer", ("adamw", "muon"))):
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config key {key}={getattr(cfg, key)!r} must be one of "
                              f"{', '.join(allowed)}")

@@ -186,6 +186,15 @@ def test_resume_in_another_dtype(data_dir, tmp_path, capsys):
     assert checkpoint.load_trainer_state(tmp_path)["state"]["scaler"] == {}
 
 
+def test_resume_with_another_optimizer_says_so(data_dir, tmp_path):
+    """AdamW's state resumed under Muon: one line naming both, not DCP's 'missing key'."""
+    argv = ["config/tiny.py", f"--data_dir={data_dir}", f"--out_dir={tmp_path}",
+            "--eval_interval=0", "--optimizer=adamw"]
+    run_train(argv + ["--max_iters=2"])
+    with pytest.raises(ValueError, match="holds adamw optimizer state but this run uses muon"):
+        run_train(argv + ["--max_iters=4", "--init_from=resume", "--optimizer=muon"])
+
+
 class RunsCode:
     def __reduce__(self):
         return (print, ("this ran while the checkpoint was read",))
