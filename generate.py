@@ -93,8 +93,9 @@ def decode_copy(module):
     twin = object.__new__(type(module))
     vars(twin).update(vars(module))
     twin._modules = {}           # a dict of children of its own
-    # A forward set on the instance (train.py's activation checkpointing wraps block.forward) is
-    # bound to the original module and would bypass the copy: the class's forward runs instead.
+    # A forward set on the instance (parallel.py's activation checkpointing and torch.compile set
+    # block.forward and norm.forward) is bound to the original module and would bypass the copy:
+    # the class's forward runs instead.
     vars(twin).pop("forward", None)
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):

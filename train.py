@@ -130,8 +130,9 @@ class Run:
     device: torch.device
     grad_accum: int          # micro-steps per optimizer step on each process
     tokenizer: bpe.Tokenizer
-    raw_model: llm.LLM       # saved and evaluated: never wrapped, never compiled
-    model: torch.nn.Module   # what trains: raw_model, compiled and/or wrapped in DDP
+    raw_model: llm.LLM       # saved and evaluated: never wrapped (parallel.py compiles its blocks
+                             # in place, names unchanged)
+    model: torch.nn.Module   # what trains: raw_model, or DDP around it
     set_grad_sync: object    # set_grad_sync(last), or None on one process
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
