@@ -27,8 +27,9 @@ def peak_flops(gpu_name):
 # HBM bandwidth (bytes/s) by the vendors' datasheets, for the decode limit of bench/gpu_check.py:
 # batch-1 decode reads every weight once per token. The first name contained in the device name
 # wins, as in GPU_PEAK_FLOPS.
-GPU_HBM_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12,
-                     "A100-SXM4-40GB": 1.555e12, "A100": 2.039e12}
+GPU_HBM_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12,
+                     "A100-SXM4-40GB": 1.555e12, "A100-PCIE-40GB": 1.555e12,
+                     "A100-PCIE-80GB": 1.935e12, "A100": 2.039e12}
 
 
 def hbm_bandwidth(gpu_name):
