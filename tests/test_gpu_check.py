@@ -12,10 +12,11 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "bench"))
 import gpu_check  # after the sys.path line: bench/ is not a package
 
-CASES = [("attention", "float32 math reference"), ("attention", "SDPA flash"),
-         ("attention", "SDPA efficient"), ("attention", "SDPA cudnn"), ("attention", "SDPA math"),
-         ("attention", "FlexAttention, doc mask"), ("train", "plain"),
-         ("train", "act. checkpointing"), ("train", "packed SFT"), ("decode", "tiny, batch 1")]
+# In the order they run: the training step first, cuDNN attention last
+CASES = [("train", "plain"), ("train", "act. checkpointing"), ("train", "packed SFT"),
+         ("decode", "tiny, batch 1"), ("attention", "FlexAttention, doc mask"),
+         ("attention", "float32 math reference"), ("attention", "SDPA flash"),
+         ("attention", "SDPA efficient"), ("attention", "SDPA math"), ("attention", "SDPA cudnn")]
 
 
 def read_table(path):
