@@ -114,10 +114,12 @@ def chat_replies(transcript):
 
 
 def conf(c):
-    """A run config in one line: steps, batch, learning-rate schedule."""
+    """A run config in one line: steps, batch, optimizer, learning-rate schedule."""
+    muon = c.get("optimizer") == "muon"
+    optimizer = f"Muon (muon_lr {c['muon_lr']:g}) + AdamW" if muon else "AdamW"
     return (f"{c['max_iters']} steps of {c['total_batch_tokens']:,} tokens ({c['batch_size']} x "
-            f"{c['block_size']}); lr {c['learning_rate']:g} -> {c['min_lr']:g}, warmup "
-            f"{c['warmup_iters']}, {c['schedule']}, weight decay {c['weight_decay']:g}")
+            f"{c['block_size']}); {optimizer}, lr {c['learning_rate']:g} -> {c['min_lr']:g}, "
+            f"warmup {c['warmup_iters']}, {c['schedule']}, weight decay {c['weight_decay']:g}")
 
 
 def cell(text):
