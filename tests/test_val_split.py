@@ -15,7 +15,7 @@ import pytest
 
 import bpe
 import checkpoint
-from conftest import SHARED_DATA, WORDS, make_docs, run_train
+from conftest import SHARED_DATA, WORDS, make_docs, run_train, skip_or_fail_on_ci
 import data
 import llm
 import readers
@@ -198,7 +198,9 @@ def test_summary_says_the_tail_was_held_out(word_tok, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def ten_books(tmp_path_factory):
     """tiny-shakespeare and the Gutenberg folder (ten files), prepared with the defaults."""
-    root = tmp_path_factory.mktemp("ten")   # the tests ask for shared_data first: it skips
+    if not SHARED_DATA.is_dir():   # a module fixture is set up before the tests' shared_data
+        skip_or_fail_on_ci("../shared/data is not present beside the checkout")
+    root = tmp_path_factory.mktemp("ten")
     files = [str(SHARED_DATA / "tinyshakespeare.txt"), str(SHARED_DATA / "gutenberg")]
     bpe.train([files[0]], 512, root / "tok")
     data.prepare(files, root / "tok", root / "shards", workers=2)
