@@ -327,6 +327,8 @@ def check_args(args):
         raise ValueError(f"--method {args.method!r} is unknown: use letter or cloze")
     if args.chat and args.method == "cloze":
         raise ValueError("--chat scores letters; drop --method cloze or --chat")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size {args.batch_size} must be at least 1")
 
 
 def keep_freed_memory():
@@ -344,7 +346,6 @@ def keep_freed_memory():
 def main(argv=None):
     args = config.parse_args(Args(), argv, doc=__doc__)
     check_args(args)
-    keep_freed_memory()
     device = common.pick_device(args.device)
     source = str(args.data or mmlu.default_mmlu_dir() or "hub")
     # load_mmlu's errors are clear: a missing subject, a bad row
@@ -379,6 +380,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    keep_freed_memory()   # the process's own allocator setting: not for callers of main()
     common.cli(main)   # bad input exits inside, with status 2
     # Done and written: skip the interpreter's teardown of torch's modules, ~0.45 s of CPU (10% of
     # a small model's whole 0-shot run; bench/bench_lm_eval.py times whole processes).

@@ -58,14 +58,15 @@ class InOutMatmul:
     training keeps nn.Linear. A plain object, not an nn.Module: no hook dispatch per call (1.3 us,
     2% of a decode step)."""
 
-    def __init__(self, *linears):
+    def __init__(self, *linears, dtype=None):
         self.linears = linears
+        self.dtype = dtype   # None: the weights'; autocast's, so that it need not cast per call
         self.weight_t = None
 
     def __call__(self, x):
         if self.weight_t is None:
-            weights = [linear.weight for linear in self.linears]
-            self.weight_t = torch.cat(weights).t().contiguous()           # (in, sum of out)
+            weights = torch.cat([linear.weight for linear in self.linears])
+            self.weight_t = weights.t().to(self.dtype or weights.dtype).contiguous()  # (in, out)
         return x @ self.weight_t
 
 
@@ -84,10 +85,11 @@ class RopeTable:
         return self.cos[pos][:, None], self.sin[pos][:, None]   # pos (B, T) -> (B, 1, T, hd) each
 
 
-def decode_copy(module):
+def decode_copy(module, dtype=None):
     """module's tree for one generate call: new module objects (for KV caches that the model never
-    sees) around the same parameters; each nn.Linear becomes an InOutMatmul of it, and attention
-    projects q, k and v with one InOutMatmul of the three (in place of Attention.project_qkv)."""
+    sees) around the same parameters; each nn.Linear becomes an InOutMatmul of it (its weights in
+    dtype, default theirs), and attention projects q, k and v with one InOutMatmul of the three
+    (in place of Attention.project_qkv)."""
     # A new object of module's class sharing its parameters, buffers and hooks (copy.copy's way,
     # without calling the class: FSDP's module classes would run __init__ again).
     twin = object.__new__(type(module))
@@ -99,11 +101,11 @@ def decode_copy(module):
     vars(twin).pop("forward", None)
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
-            setattr(twin, name, InOutMatmul(child))   # not a module: a plain attribute
+            setattr(twin, name, InOutMatmul(child, dtype=dtype))   # a plain attribute
         else:
-            setattr(twin, name, decode_copy(child))
+            setattr(twin, name, decode_copy(child, dtype))
     if isinstance(module, Attention):   # an instance attribute, found before the method
-        twin.project_qkv = InOutMatmul(module.q_proj, module.k_proj, module.v_proj)
+        twin.project_qkv = InOutMatmul(module.q_proj, module.k_proj, module.v_proj, dtype=dtype)
     return twin
 
 
@@ -112,7 +114,7 @@ def with_kv_cache(model, batch_size, max_len, dtype=None):
     rows of up to max_len positions, in dtype (default: lm_head's; under autocast, pass autocast's),
     and whose rope is a RopeTable. Feed it tokens in order, each chunk through hidden(idx, start=the
     number of tokens fed before); a chunk of fewer rows uses the first rows of the caches."""
-    twin = decode_copy(model)
+    twin = decode_copy(model, dtype)   # autocast's dtype: weights cast once, not per forward
     cfg = model.config
     shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
     weight = model.lm_head.weight

@@ -1,10 +1,13 @@
 """Multiple-choice training data (issue 16): the hub's 4-choice train sets, each question rendered
 the two ways kiln's MMLU scores it, decontaminated against MMLU's test set.
 
-    python data.py --source mmlu-aux arc-easy arc-challenge openbookqa --tokenizer data/tok \
+    python data.py --source mmlu-aux commonsenseqa --tokenizer data/tok \
         --out data/mc                     # plain text: token shards for config/mid.py
-    python data.py --sft --source smoltalk mmlu-aux arc-easy arc-challenge openbookqa \
+    python data.py --sft --source smoltalk mmlu-aux commonsenseqa \
         --tokenizer data/tok --out data/smoltalk_mc   # chat turns mixed into SFT
+
+mmlu-aux (MMLU's auxiliary_train) is made of ARC, MCTest, OpenBookQA and RACE: arc-easy,
+arc-challenge and openbookqa are for runs without it, not beside it (their questions twice).
 
 Plain text (pretraining shards): lm-eval's `mmlu` prompt, exactly what `eval_mmlu.py` scores,
     "The following are multiple choice questions (with answers) about {subject}.\\n\\n"

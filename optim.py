@@ -68,17 +68,17 @@ class Muon(torch.optim.Muon):
         is gated by keep = 1 - found_inf, and the gradient zeroed first (inf * 0 is NaN)."""
         if closure is not None:
             raise ValueError("kiln's Muon takes no closure: compute the loss before step()")
+        keep = 1.0 if found_inf is None else 1 - found_inf
+        skip = None if found_inf is None else found_inf.bool()
         for group in self.param_groups:
             lr = group["lr"]
+            decay = 1 - lr * group["weight_decay"]
+            if skip is not None:   # exactly torch's arithmetic when found_inf is 0
+                decay = torch.where(skip, 1.0, decay)
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad, keep, decay = p.grad, 1.0, 1 - lr * group["weight_decay"]
-                if found_inf is not None:   # exactly torch's arithmetic when found_inf is 0
-                    skip = found_inf.bool()
-                    keep = 1 - found_inf
-                    grad = torch.where(skip, 0.0, grad)
-                    decay = torch.where(skip, 1.0, decay)
+                grad = p.grad if skip is None else torch.where(skip, 0.0, p.grad)
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(grad)
@@ -113,10 +113,10 @@ class MuonAdamW:
     def __init__(self, muon, adamw):
         self.muon = muon
         self.adamw = adamw
-        # train.gated_step may hand over found_inf (skip on the device) unless FSDP shards the
-        # matrices: Muon's gating mixes a plain flag into DTensor math, so there skip is read.
-        self._step_supports_amp_scaling = adamw.defaults["fused"] and not any(
-            isinstance(p, DTensor) for g in muon.param_groups for p in g["params"])
+        # train.gated_step hands over found_inf: a bad step is skipped on the device, also under
+        # FSDP (DTensor math takes the 0-d flag as replicated). The gradients must be unscaled
+        # already (GradScaler.unscale_): grad_scale is refused in step().
+        self._step_supports_amp_scaling = True
 
     def __iter__(self):
         return iter((self.muon, self.adamw))
@@ -127,6 +127,9 @@ class MuonAdamW:
         return self.muon.param_groups + self.adamw.param_groups
 
     def step(self):
+        if getattr(self, "grad_scale", None) is not None:
+            raise RuntimeError("MuonAdamW takes unscaled gradients: call scaler.unscale_(optimizer) "
+                               "before scaler.step(optimizer)")
         found_inf = getattr(self, "found_inf", None)
         self.muon.step(found_inf=found_inf)
         if found_inf is not None:

@@ -364,8 +364,8 @@ def fit(run, stop):
             evaluated = step
         periodic = cfg.ckpt_interval and step % cfg.ckpt_interval == 0 and bad_steps == 0
         if step > run.start["step"] and (last or stopping or periodic):
-            train_state.save(run, {"step": step, "data": data_state, "scaler": run.scaler.state_dict(),
-                       "bad_steps": bad_steps, "evaluated_step": evaluated})
+            train_state.save(run, {"step": step, "data": data_state, "bad_steps": bad_steps,
+                                   "scaler": run.scaler.state_dict(), "evaluated_step": evaluated})
         if last or stopping:
             return
         if not pending:   # the device is idle after a read: time the steps up to the next one

@@ -3,13 +3,13 @@
 # score, mixed half and half with the pretraining data so the rest of what the model knows stays.
 # Prepare (the SAME tokenizer as pretraining; the questions are 13-gram decontaminated against
 # MMLU's test set, counts in data/mc/meta.json):
-#   python data.py --source mmlu-aux arc-easy arc-challenge openbookqa commonsenseqa \
-#       --tokenizer data/tok --out data/mc
+#   python data.py --source mmlu-aux commonsenseqa --tokenizer data/tok --out data/mc
+#   (mmlu-aux already holds ARC's and OpenBookQA's train questions: adding those presets twice-counts)
 # Launch:  torchrun --nproc_per_node=8 train.py config/mid.py
 # Then SFT: config/sft.py's init_from="pretrain" takes the newest pretraining-kind checkpoint under
 #   out/, which is this run's (a mid run is a pretraining run on other data: stage "pretrain").
 # Batch: 8 sequences x 2048 tokens x 8 GPUs x 4 accumulation steps = 524,288 tokens per step.
-# Budget: the five sources hold ~118K questions after decontamination, ~15M tokens; 150 steps =
+# Budget: mmlu-aux and commonsenseqa hold ~110K questions after decontamination, ~14M tokens; 150 steps =
 #   79M tokens, half of them questions: ~2.5 passes over them (nanochat's midtraining: about one
 #   pass over a larger mix).
 out_dir = "out/mid"

@@ -3,8 +3,8 @@
 # turns: prepare data/smoltalk_mc (below) and add --data_dir=data/smoltalk_mc.
 # Prepare with the SAME tokenizer as the pretraining data (train.py refuses another one):
 #   python data.py --sft --source smoltalk --max_shards 1 --tokenizer data/tok --out data/smoltalk
-#   python data.py --sft --source smoltalk mmlu-aux arc-easy arc-challenge openbookqa \
-#       commonsenseqa --max_shards 1 --tokenizer data/tok --out data/smoltalk_mc
+#   python data.py --sft --source smoltalk mmlu-aux commonsenseqa --max_shards 1 \
+#       --tokenizer data/tok --out data/smoltalk_mc
 # Launch:  python train.py config/sft.py            (1 GPU: 8 accumulation steps)
 #          torchrun --nproc_per_node=8 train.py config/sft.py
 # Batch: 8 packed rows x 2048 tokens x 8 GPUs x 1 = 131,072 tokens per step (padding included);

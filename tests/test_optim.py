@@ -66,7 +66,7 @@ def test_muon_steps_the_hidden_matrices_and_adamw_the_rest():
         ref_muon.param_groups[0]["lr"] = lr * scale
         for group in ref_adamw.param_groups:
             group["lr"] = lr
-        opt.step()
+        train.gated_step(opt, torch.tensor(False))   # the loop's path: found_inf 0, not None
         ref_muon.step()
         ref_adamw.step()
     init = tiny_model().state_dict()
@@ -150,10 +150,15 @@ def test_grad_scaler_unscales_and_skips_both_optimizers():
     before = copy.deepcopy(model.state_dict())
     scaler.scale(model(x, x)[1]).backward()
     model.layers[0].mlp.up_proj.weight.grad[0, 0] = float("inf")
+    scaler.unscale_(opt)
     scaler.step(opt)
     scaler.update()
     assert_bitwise_equal(model.state_dict(), before)
     assert scaler.get_scale() < 2.0 ** 10
+    opt.zero_grad()
+    scaler.scale(model(x, x)[1]).backward()
+    with pytest.raises(RuntimeError, match="call scaler.unscale_"):   # scaled gradients: refused
+        scaler.step(opt)
 
 
 def test_muon_resume_after_sigkill_is_exact(data_dir, tmp_path):
