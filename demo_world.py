@@ -18,7 +18,8 @@ its answer letters balanced, so chance is 25%.
 import itertools
 import random
 
-LETTERS = "ABCD"
+import mmlu
+
 KINDS = ("mc", "chat", "prose")
 
 FIRST = {"she": ("Anna Maria Clara Ella Rosa Nora Lucy Ida Mona Vera Hanna Iris Greta Olga Tessa "
@@ -77,7 +78,6 @@ NUMBERS = ("zero one two three four five six seven eight nine ten eleven twelve 
            "fifteen sixteen seventeen eighteen").split()
 WEATHER = ["It was a sunny morning", "It was raining", "The wind was cold", "It was a warm evening",
            "Snow was falling", "The sky was grey"]
-HEAD = "The following are multiple choice questions (with answers) about demo world.\n\n"
 
 
 def make_people(rng, n):
@@ -106,7 +106,7 @@ def mc_question(p, attr):
     fixed order. (Random distractors in a random order, so that no question's letter can be
     learned by heart, measured worse: the demo model never learned the letter at all.)"""
     i = ATTRS[attr].index(p[attr])
-    return ASK[attr].format(n=p["name"]), ATTRS[attr][i - i % 4:i - i % 4 + 4], LETTERS[i % 4]
+    return ASK[attr].format(n=p["name"]), ATTRS[attr][i - i % 4:i - i % 4 + 4], mmlu.LETTERS[i % 4]
 
 
 def kind_counts(mc_facts):
@@ -124,7 +124,7 @@ def deal_kinds(rng, people, counts):
     so that each kind's answer letters stay as balanced as they can (its test's chance stays
     25%)."""
     facts = {k: [] for k in KINDS}
-    used = {k: dict.fromkeys(LETTERS, 0) for k in KINDS}
+    used = {k: dict.fromkeys(mmlu.LETTERS, 0) for k in KINDS}
     deals = sorted(set(itertools.permutations([k for k in KINDS for _ in range(counts[k])])))
     for p in people:
         attrs = rng.sample(list(ATTRS), len(ATTRS))
@@ -210,18 +210,20 @@ def arithmetic(rng):
     return " ".join(out)
 
 
+def mc_item(question, choices, answer):
+    return {"question": question, "choices": choices, "answer": answer}
+
+
 def mc_text(rows):
     """4-choice questions as one document in the plain-text layout eval_mmlu.py scores (lm-eval's
-    `mmlu`), each followed by its answer letter."""
-    def one(q, choices, ans):
-        return q + "".join(f"\n{L}. {c}" for L, c in zip(LETTERS, choices)) + f"\nAnswer: {ans}"
-    return HEAD + "\n\n".join(one(*r) for r in rows)
+    `mmlu`, mmlu.build_prompt), each followed by its answer letter."""
+    items = [mc_item(*r) for r in rows]
+    return mmlu.build_prompt("demo_world", items[-1], items[:-1]) + " " + items[-1]["answer"]
 
 
 def mc_prompt(question, choices):
     """A question as the user turn of `eval_mmlu.py --chat` (the reply is the bare letter)."""
-    lines = "".join(f"\n{L}. {c}" for L, c in zip(LETTERS, choices))
-    return question + lines + "\nAnswer with the letter."
+    return mmlu.chat_messages(mc_item(question, choices, None), [])[0]["content"]
 
 
 def quiz(facts):

@@ -1,6 +1,6 @@
 """The optimizer: which parameters it updates and how.
 
-    optimizer = make_optimizer(cfg, raw_model, device)
+    optimizer = make_optimizer(cfg, raw_model)
 
 optimizer "adamw": AdamW on every parameter. "muon": Muon (torch.optim.Muon,
 https://kellerjordan.github.io/posts/muon/) on the hidden matrices, the 2-D weights inside the
@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
 
-def make_optimizer(cfg, raw_model, device):
+def make_optimizer(cfg, raw_model):
     """AdamW, or Muon + AdamW (cfg.optimizer); weight decay on matrices (dim >= 2) only, never on
     norm gains. AdamW is fused on every device: the fused kernels take a found_inf flag, so a bad
     step is skipped on the device, without the host reading it (train.gated_step)."""

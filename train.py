@@ -16,7 +16,6 @@ value (vocab_size: the tokenizer's; a larger one pads the embedding). Pretrainin
 The host waits for the device only on log steps, every max_bad_steps steps, at evals and
 checkpoints (read_due); a step with a non-finite loss or gradient is skipped on the device.
 """
-import math
 import resource
 import signal
 import sys
@@ -159,7 +158,7 @@ def setup(cfg):
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)   # fp16 only
     model, set_grad_sync, use_compile = parallel.wrap_model(cfg, raw_model, dtype, device, world)
-    optimizer = optim.make_optimizer(cfg, raw_model, device)
+    optimizer = optim.make_optimizer(cfg, raw_model)
     start = {"step": 0, "bad_steps": 0, "evaluated_step": None}
     if cfg.init_from == "resume":
         start = train_state.resume(ckpt, raw_model, optimizer, scaler, loader)
@@ -233,10 +232,11 @@ def optimizer_step(run, loss):
     so the scale stays the same on every process. In fp16, inf gradients are the scaler's business
     (it lowers the scale; the step is skipped), not a bad step."""
     run.scaler.unscale_(run.optimizer)
-    params = [p for p in run.raw_model.parameters() if p.requires_grad]
-    clip = run.cfg.grad_clip if run.cfg.grad_clip > 0 else math.inf
-    norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm   # FSDP: a DTensor
+    params = [p for p in run.raw_model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])   # logged even without clipping
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm   # FSDP: reduced once
+    if run.cfg.grad_clip > 0:   # clip_grad_norm_ would rescale every gradient, by 1.0 when off
+        torch.nn.utils.clip_grads_with_norm_(params, run.cfg.grad_clip, norm)
     finite_loss = torch.isfinite(loss)
     skip = ~(finite_loss & torch.isfinite(norm))
     gated_step(run.optimizer, skip)

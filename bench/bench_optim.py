@@ -115,7 +115,7 @@ def run(kind, lr, seed, steps):
     tokens, val = make_data()
     cfg = make_config(kind, lr, steps)
     model = make_model(seed)
-    opt = optim.make_optimizer(cfg, model, torch.device("cpu"))
+    opt = optim.make_optimizer(cfg, model)
     # The seed's batches: the same windows for both optimizers, whatever the step count.
     starts = np.random.default_rng(seed).integers(0, len(tokens) - BLOCK - 1, (steps, BATCH))
     offsets = np.arange(BLOCK + 1)
@@ -225,7 +225,7 @@ def fsdp_cost(steps=20):
                 fully_shard(block)
             fully_shard(model)
         opt = optim.make_optimizer(make_config(kind, 0.02 if kind == "muon" else 3e-3, 1),
-                                   model, torch.device("cpu"))
+                                   model)
         times = []
         for _ in range(steps):
             for p in model.parameters():

@@ -149,6 +149,11 @@ def test_text_prep_renders_eval_mmlus_prompt_exactly(hub, mmlu_dir, tok_dir, tok
                         for c in chunks]
         texts += docs
     assert any(doc.count("\nAnswer: ") == 2 for doc in texts)  # a 1-shot document was checked
+    # and written out by hand, as lm-eval's mmlu template renders it (not through mmlu.py)
+    arc = [r["text"] for r in read_jsonl(out / "mc_rendered" / "arc-easy.jsonl")]
+    assert arc[0] == ("The following are multiple choice questions (with answers) about science."
+                      "\n\nWhich unit measures mass?\nA. meter\nB. gram\nC. liter\nD. second"
+                      "\nAnswer: B")
     # the shards hold exactly these documents, each after <|bos|>
     ids = np.concatenate([shards.read_shard(p) for p in sorted(out.glob("train_*.bin"))])
     docs = tok.decode([int(i) for i in ids]).split(tok.decode([tok.bos_id]))[1:]
@@ -170,6 +175,10 @@ def test_chat_prep_renders_eval_mmlus_chat_turn_exactly(hub, mmlu_dir, tok_dir, 
                 for it in items(name)]
         assert [r["messages"] for r in recs] == want
         convs += want
+    first = read_jsonl(out / "mc_rendered" / "arc-easy_chat.jsonl")[0]["messages"]
+    assert first == [{"role": "user", "content": "Which unit measures mass?\nA. meter\nB. gram\n"
+                      "C. liter\nD. second\nAnswer with the letter."},
+                     {"role": "assistant", "content": "B"}]   # by hand, not through mmlu.py
     # the SFT arrays hold exactly these conversations as the chat template renders them
     ids = np.load(out / "train_ids.npy")
     offsets = np.load(out / "train_offsets.npy")

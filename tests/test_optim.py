@@ -42,7 +42,7 @@ def test_muon_steps_the_hidden_matrices_and_adamw_the_rest():
     cfg = muon_config()
     model = tiny_model()
     ref = copy.deepcopy(model)
-    opt = optim.make_optimizer(cfg, model, torch.device("cpu"))
+    opt = optim.make_optimizer(cfg, model)
     named = dict(model.named_parameters())
     muon_params = opt.muon.param_groups[0]["params"]
     in_muon = {n for n, p in named.items() if any(p is q for q in muon_params)}
@@ -83,7 +83,7 @@ def test_bad_optimizer_config_is_one_clear_error(keys, words):
     for k, v in keys.items():
         setattr(cfg, k, v)
     with pytest.raises(ValueError, match=words):
-        optim.make_optimizer(cfg, tiny_model(), torch.device("cpu"))
+        optim.make_optimizer(cfg, tiny_model())
 
 
 SHAPES = [(96, 64), (64, 160), (7, 5)]   # tall, wide, and rows that 2 ranks split unevenly (4 + 3)
@@ -136,8 +136,8 @@ def test_grad_scaler_unscales_and_skips_both_optimizers():
     cfg = muon_config()
     model = tiny_model()
     twin = copy.deepcopy(model)
-    opt = optim.make_optimizer(cfg, model, torch.device("cpu"))
-    twin_opt = optim.make_optimizer(cfg, twin, torch.device("cpu"))
+    opt = optim.make_optimizer(cfg, model)
+    twin_opt = optim.make_optimizer(cfg, twin)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     x = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     scaler.scale(model(x, x)[1]).backward()

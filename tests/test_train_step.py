@@ -184,7 +184,7 @@ def test_gated_step_skips_muon_exactly(monkeypatch):
     model = tiny_model()
     cfg = SimpleNamespace(optimizer="muon", learning_rate=1e-2, muon_lr=0.02, weight_decay=0.1,
                           beta1=0.9, beta2=0.95)
-    opt = optim.make_optimizer(cfg, model, torch.device("cpu"))
+    opt = optim.make_optimizer(cfg, model)
     model(*pretrain_batch(1)[:2])[1].backward()
     opt.step()
     for p in model.parameters():
